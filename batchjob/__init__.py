@@ -1,0 +1,1 @@
+"""batchjob: batch inference for Hugging Face encoders compiled to fixed shapes."""

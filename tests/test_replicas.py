@@ -1,0 +1,268 @@
+"""The replica pool against real spawned replica processes (toy loaders, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batchjob.errors import ReplicaError
+from batchjob.replicas import Placement, PoolState, ReplicaPool, plan_placements
+from tests.replica_fakes import Toy
+
+pytestmark = pytest.mark.timeout(60)
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def batch(value: int) -> dict[str, np.ndarray]:
+    return {"input_ids": np.full((2, 3), value, dtype=np.int64)}
+
+
+def check(out: np.ndarray, value: int) -> int:
+    """Assert the toy's output for batch(value) and return the pid that computed it."""
+    assert out.shape == (2, 2)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 0], [3 * value, 3 * value])
+    return int(out[0, 1])
+
+
+def one_replica() -> list[Placement]:
+    return [Placement(0, (CPUS[0],))]
+
+
+def snapshot() -> set[Any]:
+    """Child processes and threads alive now (the shared pool's, say): not the test's to check."""
+    return {*multiprocessing.active_children(), *threading.enumerate()}
+
+
+def leftovers(before: set[Any]) -> list[Any]:
+    """Child processes and threads started since `before` that still run."""
+    now = {*multiprocessing.active_children(), *threading.enumerate()}
+    return [x for x in now - before if x.is_alive()]
+
+
+def record_loop_errors() -> list[dict[str, Any]]:
+    """Errors the loop would only log: a future resolved twice, an exception never retrieved."""
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    return errors
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[tuple[asyncio.AbstractEventLoop, ReplicaPool]]:
+    """One two-replica pool for the tests that leave it as they found it (spawning is slow)."""
+    loop = asyncio.new_event_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    placements = [Placement(0, (CPUS[0],)), Placement(1, (CPUS[-1],), neuron_cores="1")]
+    pool = ReplicaPool(Toy(delay=0.002, raise_on=-7), placements)
+    loop.run_until_complete(pool.start())
+    yield loop, pool
+    loop.run_until_complete(pool.close())
+    loop.close()
+    assert errors == []
+
+
+def run(
+    shared: tuple[asyncio.AbstractEventLoop, ReplicaPool], coro: Coroutine[Any, Any, Any]
+) -> Any:
+    return shared[0].run_until_complete(asyncio.wait_for(coro, 30))
+
+
+def test_many_concurrent_batches_correct_once_each_round_robin(shared: Any) -> None:
+    _, pool = shared
+    calls: Counter[int] = Counter()
+
+    async def main() -> list[np.ndarray]:
+        futures = await asyncio.gather(*(pool.submit(batch(i)) for i in range(200)))
+        for i, future in enumerate(futures):
+            future.add_done_callback(lambda _f, i=i: calls.update([i]))
+        outs = await asyncio.gather(*futures)
+        await asyncio.sleep(0)  # let the done callbacks run
+        return outs
+
+    outs = run(shared, main())
+    pids = Counter(check(out, i) for i, out in enumerate(outs))
+    assert calls == Counter(range(200))
+    assert len(pids) == 2
+    assert min(pids.values()) >= 40, pids  # round-robin: both replicas take a fair share
+    assert pool.peak_in_flight == 2  # backpressure: never more than in_flight per replica
+    assert pool.restarts == 0
+    assert pool.state is PoolState.READY
+
+
+def test_replicas_apply_their_placement(shared: Any) -> None:
+    _, pool = shared
+
+    async def main() -> dict[int, dict[str, Any]]:
+        seen: dict[int, dict[str, Any]] = {}
+        for _ in range(20):
+            outs = await asyncio.gather(*(pool.run({"probe": np.zeros(1)}) for _ in range(4)))
+            seen.update({out[0]["pid"]: out[0] for out in outs})
+            if len(seen) == 2:
+                break
+        return seen
+
+    infos = sorted(run(shared, main()).values(), key=lambda info: info["neuron_cores"] or "")
+    assert [i["neuron_cores"] for i in infos] == [None, "1"]
+    assert [i["cpus"] for i in infos] == [[CPUS[0]], [CPUS[-1]]]
+    assert [i["threads"] for i in infos] == [1, 1]
+    assert "NEURON_RT_VISIBLE_CORES" not in os.environ  # set in the replica only
+
+
+def test_predict_exception_fails_that_batch_only(shared: Any) -> None:
+    _, pool = shared
+    message = r"replica [01] failed a batch: ValueError: bad input -7"
+    with pytest.raises(ReplicaError, match=message):
+        run(shared, pool.run(batch(-7)))
+    check(run(shared, pool.run(batch(5))), 5)
+    assert pool.restarts == 0
+    assert pool.state is PoolState.READY
+
+
+def test_sigkill_mid_job_reruns_in_flight_batches(caplog: pytest.LogCaptureFixture) -> None:
+    before = snapshot()
+    caplog.set_level(logging.INFO, logger="batchjob.replicas")
+    placements = [Placement(0, (CPUS[0],)), Placement(1, (CPUS[-1],))]
+
+    async def main() -> tuple[list[np.ndarray], int]:
+        errors = record_loop_errors()
+        async with ReplicaPool(Toy(delay=0.1), placements) as pool:
+            tasks = [asyncio.create_task(pool.run(batch(i))) for i in range(30)]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            first = done.pop()
+            # The pool refills a replica's slot as soon as a result comes back: it has work.
+            os.kill(check(first.result(), tasks.index(first)), signal.SIGKILL)
+            outs = await asyncio.gather(*tasks)
+        assert errors == []
+        return outs, pool.restarts
+
+    outs, restarts = asyncio.run(asyncio.wait_for(main(), 45))
+    for i, out in enumerate(outs):
+        check(out, i)
+    assert restarts == 1
+    died = [r.getMessage() for r in caplog.records if "died" in r.getMessage()]
+    assert len(died) == 1
+    assert "(signal SIGKILL, exit -9) with " in died[0]
+    assert died[0].endswith("in flight; restarting (restart 1)")
+    assert "with 0 batches" not in died[0]
+    assert leftovers(before) == []
+
+
+def test_poison_batch_fails_the_pool_after_three_deaths() -> None:
+    before = snapshot()
+
+    async def main() -> ReplicaPool:
+        errors = record_loop_errors()
+        async with ReplicaPool(Toy(die_on=13), one_replica()) as pool:
+            with pytest.raises(
+                ReplicaError, match=r"replica 0 died 3 times in a row \(last: exit 3\)"
+            ):
+                await pool.run(batch(13))
+            with pytest.raises(ReplicaError, match=r"died 3 times in a row.*--replicas 1"):
+                await pool.submit(batch(1))
+        assert errors == []
+        return pool
+
+    start = time.monotonic()
+    pool = asyncio.run(asyncio.wait_for(main(), 50))
+    assert time.monotonic() - start < 50
+    assert pool.restarts == 2
+    assert pool.state is PoolState.STOPPED
+    assert leftovers(before) == []
+
+
+def test_loader_failure_fails_start() -> None:
+    before = snapshot()
+    pool = ReplicaPool(Toy(load_error="no graph for bucket 128"), one_replica())
+    with pytest.raises(
+        ReplicaError, match=r"replica 0 failed to start: RuntimeError: no graph for bucket 128; "
+    ):
+        asyncio.run(pool.start())
+    assert pool.state is PoolState.STOPPED
+    assert leftovers(before) == []
+
+
+def test_start_timeout_kills_the_replicas() -> None:
+    before = snapshot()
+    placements = [Placement(0, (CPUS[0],)), Placement(1, (CPUS[-1],))]
+    pool = ReplicaPool(Toy(load_delay=60), placements, start_timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(
+        ReplicaError, match=r"replica 0 not ready after 1 s: .*--replica-start-timeout"
+    ):
+        asyncio.run(pool.start())
+    assert time.monotonic() - start < 15
+    assert pool.state is PoolState.STOPPED
+    assert leftovers(before) == []
+
+
+def test_close_drains_in_flight_then_stops_by_the_deadline() -> None:
+    before = snapshot()
+
+    async def main() -> None:
+        pool = ReplicaPool(Toy(delay=0.5, slow_on=99), one_replica())
+        await pool.start()
+        fast = await pool.submit(batch(1))
+        slow = await pool.submit(batch(99))  # sleeps 60 s: outlives the close deadline
+        started = time.monotonic()
+        await pool.close(timeout=3)
+        assert time.monotonic() - started < 3 + 2
+        check(fast.result(), 1)  # drained: finished during close
+        with pytest.raises(ReplicaError, match="closed after 3 s"):
+            slow.result()
+        assert pool.state is PoolState.STOPPED
+        await pool.close()  # idempotent
+        with pytest.raises(ReplicaError, match="stopped"):
+            await pool.submit(batch(2))
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+    assert leftovers(before) == []
+
+
+def test_plan_placements_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {3, 1, 2, 0})
+    assert plan_placements(None, 1, "cpu") == [Placement(i, (i,)) for i in range(4)]
+    assert plan_placements(None, 2, "cpu") == [Placement(0, (0, 1)), Placement(1, (2, 3))]
+    assert plan_placements(None, 8, "cpu") == [Placement(0, (0, 1, 2, 3))]  # at least one
+    assert plan_placements(3, 2, "cpu") == [
+        Placement(0, (0, 1)),
+        Placement(1, (2, 3)),
+        Placement(2, (0, 1)),  # more replicas than cores wrap around: shared cores
+    ]
+
+
+def test_plan_placements_neuron(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert plan_placements(None, 1, "neuron") == [Placement(0, (0, 1), "0")]
+    assert plan_placements(2, 2, "neuron") == [
+        Placement(0, (0, 1), "0-1"),
+        Placement(1, (0, 1), "2-3"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("replicas", "cores", "device", "message"),
+    [
+        (None, 0, "cpu", "--cores-per-replica must be ≥ 1, got 0"),
+        (0, 1, "cpu", "--replicas must be ≥ 1, got 0"),
+        (-1, 1, "neuron", "--replicas must be ≥ 1, got -1"),
+        (1, 1, "gpu", "--device must be 'cpu' or 'neuron', got 'gpu'"),
+    ],
+)
+def test_plan_placements_rejects(
+    replicas: int | None, cores: int, device: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan_placements(replicas, cores, device)
