@@ -1,0 +1,5 @@
+import sys
+
+from batchjob.cli import main
+
+sys.exit(main())

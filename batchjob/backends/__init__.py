@@ -1,0 +1,50 @@
+"""Compile and load backends, one interface: trace a module to fixed shapes, save, load.
+
+`cpu` runs here; `neuron` (torch-neuron, Inf1) and `neuronx` (torch-neuronx, Inf2/Trn1)
+import their SDK lazily, so this package imports on any machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from batchjob.errors import UsageError
+
+
+class Backend(Protocol):
+    name: str
+    device: str  # "cpu" or "neuron": how replicas are placed
+
+    def trace(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        compiler_args: Sequence[str],
+        dtype: str,
+    ) -> torch.jit.ScriptModule: ...
+
+    def load(self, path: str) -> torch.jit.ScriptModule: ...
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        module = importlib.import_module(f"batchjob.backends.{name}")
+    except ModuleNotFoundError:
+        raise UsageError(f"--backend must be one of cpu, neuron, neuronx, got {name!r}") from None
+    backend: Backend = module.BACKEND
+    return backend
+
+
+def import_sdk(module: str, backend: str) -> object:
+    """The Neuron SDK module, or a one-line error saying where it runs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(
+            f"--backend {backend} needs the {module} package (AWS Neuron SDK), which is not "
+            "installed here; use the Neuron image (docker/Dockerfile.neuronx) or --backend cpu"
+        ) from None

@@ -1,0 +1,145 @@
+"""Argument parsing only: each command builds its spec and calls one library function.
+
+Exit codes: 0 done; 1 the job ran but something failed (a shard, a replica); 2 a bad
+invocation, reported on one line of stderr with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from typing import Any, NoReturn
+
+from batchjob.config import CompileSpec, RunSpec, load_job_file, parse_buckets, resolve_shapes
+from batchjob.errors import BatchJobError, UsageError
+
+SHAPE_FIELDS = ("batch_size", "sequence_length", "buckets", "max_batch_tokens")
+COMPILE_FIELDS = ("task", "backend", "dtype", "compiler_args", "pooling", "normalize")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: scripts and logs read it whole.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument("--model", default=S, help="artifact directory, model directory or hub id")
+    p.add_argument("--task", default=S, help="text-classification or feature-extraction")
+    p.add_argument("--backend", default=S, help="cpu (default), neuron (Inf1), neuronx (Inf2/Trn1)")
+    p.add_argument("--dtype", default=S, help="auto (default: bf16 where native), fp32, bf16")
+    p.add_argument("--batch-size", type=_positive_int, default=S, help="rows per batch (6)")
+    p.add_argument("--sequence-length", type=_positive_int, default=S, help="tokens per row (128)")
+    p.add_argument("--buckets", type=parse_buckets, default=S, help="lengths, e.g. 16,32,64,128")
+    p.add_argument(
+        "--max-batch-tokens", type=_positive_int, default=S, help="batch size = this // bucket"
+    )
+    p.add_argument("--compiler-args", default=S, help="passed to the Neuron compiler, quoted")
+    p.add_argument("--pooling", default=S, help="feature-extraction: auto, mean, cls, max")
+    p.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        default=S,
+        help="feature-extraction: don't L2-normalise embeddings",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="batchjob", description="Batch inference for Hugging Face encoders.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    S = argparse.SUPPRESS
+
+    p = commands.add_parser("compile", help="compile a model to fixed-shape graphs")
+    _add_model_options(p)
+    p.add_argument("--output", required=True, help="artifact directory to create")
+
+    p = commands.add_parser("run", help="run a model over local shards, write Parquet")
+    p.add_argument("--job", default=S, help="YAML job file with the same fields; flags override")
+    _add_model_options(p)
+    p.add_argument("--input", default=S, help="a shard file or a directory of shards")
+    p.add_argument("--output", default=S, help="directory for <rel>.parquet and _manifest.json")
+    p.add_argument("--format", default=S, help="auto (by extension), jsonl, csv, parquet, txt")
+    p.add_argument("--text-field", default=S, help="field holding the text (text)")
+    p.add_argument("--text-pair-field", default=S, help="field holding the second text of a pair")
+    p.add_argument("--id-field", default=S, help="field holding the record id (id)")
+    p.add_argument("--resume", action="store_true", default=S, help="skip shards already done")
+    p.add_argument("--replicas", type=_positive_int, default=S, help="default: one per core")
+    p.add_argument("--cores-per-replica", type=_positive_int, default=S, help="default 1")
+    p.add_argument("--sort-window", type=_positive_int, default=S, help="records (4096)")
+    p.add_argument("--chunk-size", type=_positive_int, default=S, help="records read at a time")
+    p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
+    p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
+    p.add_argument("--progress", default=S, help="auto, bar, log, none")
+    return parser
+
+
+def compile_spec(fields: dict[str, Any]) -> CompileSpec:
+    buckets = fields.get("buckets")
+    if isinstance(buckets, str | int):  # from a job file
+        fields["buckets"] = parse_buckets(str(buckets))
+    elif isinstance(buckets, list):
+        fields["buckets"] = parse_buckets(",".join(map(str, buckets)))
+    shapes = resolve_shapes(*(fields.get(name) for name in SHAPE_FIELDS))
+    options = {k: fields[k] for k in COMPILE_FIELDS if k in fields}
+    if isinstance(options.get("compiler_args"), str):
+        options["compiler_args"] = shlex.split(options["compiler_args"])
+    options["compiler_args"] = tuple(options.get("compiler_args", ()))
+    return CompileSpec(model=fields.get("model", ""), shapes=shapes, **options)
+
+
+def run_spec(fields: dict[str, Any]) -> RunSpec:
+    compile_ = compile_spec(fields)
+    excluded = {"job", "command", "log_level", *SHAPE_FIELDS, *COMPILE_FIELDS}
+    options = {k: v for k, v in fields.items() if k not in excluded}
+    for name in ("model", "input", "output"):
+        options.setdefault(name, "")
+    try:
+        return RunSpec(compile=compile_, **options)
+    except TypeError as e:
+        raise UsageError(f"bad job field: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    fields = vars(args)
+    try:
+        if args.command == "compile":
+            from batchjob.compile import compile_artifact
+
+            compile_artifact(compile_spec(fields), args.output)
+            print(f"batchjob compile: artifact written to {args.output}")
+            return 0
+        if args.command == "run":
+            from batchjob.runner import run
+
+            if "job" in fields:
+                fields = {**load_job_file(fields["job"]), **fields}
+            return run(run_spec(fields))
+    except UsageError as e:
+        print(f"batchjob {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BatchJobError as e:
+        print(f"batchjob {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

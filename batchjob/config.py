@@ -1,0 +1,191 @@
+"""Frozen job specs, validated on construction, built once at start-up and passed down.
+
+Every field has a flag of the same name (`sort_window` ↔ `--sort-window`); a job file
+(`--job FILE.yaml`) uses the same names, with dashes or underscores. Error messages name
+the flag and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchjob.batching import Shape
+from batchjob.errors import UsageError
+
+TASKS = ("text-classification", "feature-extraction")
+BACKENDS = ("cpu", "neuron", "neuronx")
+DTYPES = ("auto", "fp32", "bf16")
+POOLINGS = ("auto", "mean", "cls", "max")
+
+# With no shape option at all, compile these buckets with a token budget per batch: on the
+# typical short-document corpus this wastes little on padding (BENCHMARKS.md).
+DEFAULT_BUCKETS = (16, 24, 32, 48, 64, 96, 128)
+DEFAULT_MAX_BATCH_TOKENS = 1024
+CLASSIC_BATCH_SIZE = 6
+CLASSIC_SEQUENCE_LENGTH = 128
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """`"16,32,64"` → (16, 32, 64); sorted, distinct, each ≥ 2 (room for the special tokens)."""
+    try:
+        buckets = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--buckets must be integers separated by commas, got {text!r}") from None
+    _require(bool(buckets), f"--buckets must name at least one length, got {text!r}")
+    _require(
+        all(a < b for a, b in itertools.pairwise(buckets)),
+        f"--buckets must be strictly increasing, got {text}",
+    )
+    _require(buckets[0] >= 2, f"--buckets lengths must be ≥ 2, got {buckets[0]}")
+    return buckets
+
+
+def resolve_shapes(
+    batch_size: int | None,
+    sequence_length: int | None,
+    buckets: tuple[int, ...] | None,
+    max_batch_tokens: int | None,
+) -> tuple[Shape, ...]:
+    """The compiled shapes from the shape flags.
+
+    `--buckets` gives one shape per length, each batch `--max-batch-tokens // length` rows
+    (or `--batch-size` rows when only that is given). `--batch-size`/`--sequence-length`
+    alone give the classic single shape, 6×128 by default. No shape flag at all gives the
+    fast default: DEFAULT_BUCKETS with DEFAULT_MAX_BATCH_TOKENS.
+    """
+    for flag, value in (
+        ("--batch-size", batch_size),
+        ("--sequence-length", sequence_length),
+        ("--max-batch-tokens", max_batch_tokens),
+    ):
+        _require(value is None or value >= 1, f"{flag} must be ≥ 1, got {value}")
+    if buckets is None and (batch_size is not None or sequence_length is not None):
+        _require(max_batch_tokens is None, "--max-batch-tokens goes with --buckets")
+        length = sequence_length or CLASSIC_SEQUENCE_LENGTH
+        _require(length >= 2, f"--sequence-length must be ≥ 2, got {length}")
+        return (Shape(length, batch_size or CLASSIC_BATCH_SIZE),)
+    _require(sequence_length is None, "--sequence-length and --buckets exclude each other")
+    lengths = buckets or DEFAULT_BUCKETS
+    if batch_size is not None and max_batch_tokens is None:
+        return tuple(Shape(n, batch_size) for n in lengths)
+    budget = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
+    _require(
+        budget >= lengths[-1],
+        f"--max-batch-tokens must be ≥ the largest bucket ({lengths[-1]}), got {budget}",
+    )
+    return tuple(Shape(n, budget // n) for n in lengths)
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """What `batchjob compile` builds (and what `run` builds from a plain model)."""
+
+    model: str
+    task: str | None = None  # None: inferred from the model's config
+    backend: str = "cpu"
+    dtype: str = "auto"
+    shapes: tuple[Shape, ...] = ()
+    compiler_args: tuple[str, ...] = ()
+    pooling: str = "auto"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "--model is required")
+        if self.task is not None:
+            _choice("--task", self.task, TASKS)
+        _choice("--backend", self.backend, BACKENDS)
+        _choice("--dtype", self.dtype, DTYPES)
+        _choice("--pooling", self.pooling, POOLINGS)
+        if not self.shapes:
+            object.__setattr__(self, "shapes", resolve_shapes(None, None, None, None))
+        _require(
+            self.backend != "cpu" or not self.compiler_args,
+            "--compiler-args only applies to the neuron and neuronx backends",
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What `batchjob run` does: read shards, infer, write one Parquet file per shard."""
+
+    model: str
+    input: str
+    output: str
+    compile: CompileSpec
+    format: str = "auto"
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    id_field: str = "id"
+    resume: bool = False
+    replicas: int | None = None
+    cores_per_replica: int = 1
+    sort_window: int = 4096
+    chunk_size: int = 1024
+    replica_start_timeout: float = 300.0
+    cache_dir: str = ""
+    progress: str = "auto"  # auto: a bar on a terminal, log lines otherwise
+
+    def __post_init__(self) -> None:
+        _require(bool(self.input), "--input is required")
+        _require(bool(self.output), "--output is required")
+        _choice("--format", self.format, ("auto", "jsonl", "csv", "parquet", "txt"))
+        _choice("--progress", self.progress, ("auto", "bar", "log", "none"))
+        _require(
+            self.replicas is None or self.replicas >= 1,
+            f"--replicas must be ≥ 1, got {self.replicas}",
+        )
+        for flag, value in (
+            ("--cores-per-replica", self.cores_per_replica),
+            ("--sort-window", self.sort_window),
+            ("--chunk-size", self.chunk_size),
+        ):
+            _require(value >= 1, f"{flag} must be ≥ 1, got {value}")
+        _require(
+            self.replica_start_timeout > 0,
+            f"--replica-start-timeout must be > 0, got {self.replica_start_timeout}",
+        )
+        if not self.cache_dir:
+            object.__setattr__(self, "cache_dir", default_cache_dir())
+
+
+def default_cache_dir() -> str:
+    """Where compiled plain models are kept: $XDG_CACHE_HOME/batchjob or ~/.cache/batchjob."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return os.path.join(base, "batchjob")
+
+
+def load_job_file(path: str) -> dict[str, Any]:
+    """A job file's fields, keys normalised to underscores."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f"--job {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--job {path}: not valid YAML: {e}".replace("\n", " ")) from None
+    _require(isinstance(data, dict), f"--job {path}: expected a mapping of fields, got {data!r}")
+    fields = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = (
+        {f.name for f in dataclasses.fields(RunSpec)}
+        | {f.name for f in dataclasses.fields(CompileSpec)}
+        | {"batch_size", "sequence_length", "buckets", "max_batch_tokens"}
+    )
+    unknown = sorted(set(fields) - known)
+    _require(not unknown, f"--job {path}: unknown field(s) {', '.join(unknown)}")
+    return fields

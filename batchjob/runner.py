@@ -1,0 +1,316 @@
+"""`batchjob run`: one asyncio pipeline from shards to Parquet.
+
+    read (thread) ─► tokenize (thread) ─► batcher ─► replica pool ─► collect ─► ShardWriter
+
+Bounded queues sit between the stages, and the batcher's sort window bounds how many
+records wait, so memory stays flat however large the input. Rows reach each shard's file in
+input order; the file is renamed into place only once the whole shard is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchjob.artifact import Artifact, ArtifactLoader
+from batchjob.backends import get_backend
+from batchjob.batching import Batch, BucketBatcher, Item
+from batchjob.compile import ensure_artifact
+from batchjob.config import RunSpec
+from batchjob.errors import BatchJobError, UsageError
+from batchjob.progress import Progress
+from batchjob.records import Fields, Record, read_records
+from batchjob.replicas import ReplicaPool, plan_placements
+from batchjob.sinks import ShardWriter, output_schema, write_manifest
+from batchjob.storage import ShardRef, existing_outputs, list_shards, open_shard
+from batchjob.tasks import task_columns
+from batchjob.tokens import Encoded, RecordTokenizer
+
+log = logging.getLogger("batchjob.run")
+
+ROWS_PER_WRITE = 4096  # rows buffered per shard before a Parquet row group is written
+CHUNKS_AHEAD = 4  # tokenized chunks read ahead of dispatch
+
+# id, task values (None for an error row), truncated, error
+Row = tuple[str, dict[str, Any] | None, bool, str | None]
+
+
+@dataclass(eq=False)
+class ShardState:
+    ref: ShardRef
+    writer: ShardWriter
+    count: int = 0  # records read so far
+    total: int | None = None  # known once the shard is fully read
+    written: int = 0
+    errors: int = 0
+    truncated: int = 0
+    failed: str | None = None
+    waiting: dict[int, tuple[str, bool]] = field(default_factory=dict)  # index → (id, truncated)
+    ready: dict[int, Row] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.total is not None and self.written == self.total
+
+
+@dataclass
+class Report:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    documents: int = 0
+    errors: int = 0
+    truncated: int = 0
+    batches: int = 0
+    real_tokens: int = 0
+    compiled_tokens: int = 0
+    replica_restarts: int = 0
+    seconds: float = 0.0  # the whole run
+    pipeline_seconds: float = 0.0  # from replicas ready to the last shard committed
+
+
+def run(spec: RunSpec) -> int:
+    """Run the job; 0 when every shard is done, 1 when some failed. UsageError: nothing written."""
+    started = time.monotonic()
+    shards = list_shards(spec.input, spec.format, exclude=spec.output)
+    if spec.text_pair_field and any(s.format == "txt" for s in shards):
+        raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
+    artifact = ensure_artifact(spec.compile, spec.cache_dir)
+    os.makedirs(spec.output, exist_ok=True)
+    done_before = existing_outputs(spec.output) if spec.resume else set()
+    todo = [s for s in shards if s.output_rel not in done_before]
+    report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
+    if report.skipped:
+        log.info("--resume: %d shard(s) already done, %d to go", len(report.skipped), len(todo))
+    try:
+        asyncio.run(_run(spec, artifact, todo, report))
+    except asyncio.CancelledError:
+        raise BatchJobError(
+            f"interrupted by a signal after {len(report.done)} shard(s); "
+            "run again with --resume to finish"
+        ) from None
+    finally:
+        report.seconds = time.monotonic() - started
+        write_manifest(spec.output, _manifest(spec, artifact, report))
+    rate = report.documents / max(report.seconds, 1e-9)
+    print(
+        f"batchjob run: {report.documents} documents, {report.errors} errors, "
+        f"{len(report.done)} shards done, {len(report.failed)} failed, "
+        f"{len(report.skipped)} skipped, {report.seconds:.1f}s, {rate:.1f} documents/s",
+        flush=True,
+    )
+    return 1 if report.failed else 0
+
+
+async def _run(spec: RunSpec, artifact: Artifact, shards: list[ShardRef], report: Report) -> None:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: task.cancel() if task else None)
+    placements = plan_placements(
+        spec.replicas, spec.cores_per_replica, get_backend(artifact.backend).device
+    )
+    pool = ReplicaPool(
+        ArtifactLoader(artifact.path), placements, start_timeout=spec.replica_start_timeout
+    )
+    job = _Job(spec, artifact, report, Progress(spec.progress, len(shards)))
+    try:
+        async with pool:
+            ready = time.monotonic()
+            await job.pipeline(pool, shards)
+            report.pipeline_seconds = time.monotonic() - ready
+            report.replica_restarts = pool.restarts
+    finally:
+        job.progress.close()
+        for state in job.open_shards:
+            state.writer.abort()
+
+
+class _Job:
+    def __init__(self, spec: RunSpec, artifact: Artifact, report: Report, progress: Progress):
+        self.spec = spec
+        self.artifact = artifact
+        self.report = report
+        self.progress = progress
+        self.schema = output_schema(artifact.task)
+        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
+        self.tokenizer = RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
+        self.batcher = BucketBatcher(
+            artifact.shapes, sort_window=spec.sort_window, pad_id=self.tokenizer.pad_id
+        )
+        self.open_shards: list[ShardState] = []
+
+    async def pipeline(self, pool: ReplicaPool, shards: list[ShardRef]) -> None:
+        chunks: asyncio.Queue[Any] = asyncio.Queue(CHUNKS_AHEAD)
+        results: asyncio.Queue[Any] = asyncio.Queue(2 * pool.size + 2)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.read(shards, chunks))
+            tg.create_task(self.dispatch(pool, chunks, results))
+            tg.create_task(self.collect(results))
+        unfinished = [s.ref.rel for s in self.open_shards]
+        if unfinished:
+            raise BatchJobError(f"internal error: shards left unfinished: {unfinished[:5]}")
+
+    async def read(self, shards: list[ShardRef], out: asyncio.Queue[Any]) -> None:
+        """Each shard's records, tokenized, in chunks; then (state, None) when it is whole."""
+        for ref in shards:
+            path = os.path.join(self.spec.output, ref.output_rel)
+            state = ShardState(ref, ShardWriter(path, self.schema, f"{os.getpid()}"))
+            self.open_shards.append(state)
+            try:
+                with open_shard(ref) as stream:
+                    reader = read_records(
+                        stream,
+                        ref.format,
+                        ref.rel,
+                        self.fields,
+                        gzip=ref.gzip,
+                        chunk_size=self.spec.chunk_size,
+                    )
+                    while (records := await asyncio.to_thread(_next_chunk, reader)) is not None:
+                        encoded = await asyncio.to_thread(self.tokenizer.encode, records)
+                        await out.put((state, records, encoded))
+            except (BatchJobError, OSError, EOFError) as e:
+                await out.put((state, f"{type(e).__name__}: {e}", None))
+                continue
+            await out.put((state, None, None))
+        await out.put(None)
+
+    async def dispatch(
+        self, pool: ReplicaPool, chunks: asyncio.Queue[Any], results: asyncio.Queue[Any]
+    ) -> None:
+        while (chunk := await chunks.get()) is not None:
+            state, records, encoded = chunk
+            if isinstance(records, str):
+                self.fail_shard(state, records)
+            elif records is None:
+                state.total = state.count
+                self.advance(state)
+            else:
+                for batch in self.batcher.add(self.register(state, records, encoded)):
+                    await self.submit(pool, batch, results)
+                self.advance(state)
+        for batch in self.batcher.flush():
+            await self.submit(pool, batch, results)
+        await results.put(None)
+
+    def register(
+        self, state: ShardState, records: list[Record], encoded: list[Encoded | None]
+    ) -> Iterator[Item]:
+        for record, enc in zip(records, encoded, strict=True):
+            index = state.count
+            state.count += 1
+            if enc is None:
+                state.ready[index] = (record.id, None, False, record.error)
+            else:
+                state.waiting[index] = (record.id, enc.truncated)
+                yield Item((state, index), enc.ids, enc.type_ids)
+
+    async def submit(self, pool: ReplicaPool, batch: Batch, results: asyncio.Queue[Any]) -> None:
+        future = await pool.submit(batch.arrays)
+        await results.put((batch, future))
+        self.report.batches += 1
+        self.report.real_tokens += batch.real_tokens
+        self.report.compiled_tokens += batch.shape.seq_len * batch.shape.batch_size
+
+    async def collect(self, results: asyncio.Queue[Any]) -> None:
+        while (item := await results.get()) is not None:
+            batch, future = item
+            outputs: np.ndarray = await future
+            rows = np.flatnonzero(batch.valid)
+            columns = task_columns(self.artifact, outputs[rows])
+            touched = set()
+            for j, row in enumerate(rows):
+                state, index = batch.keys[row]
+                if state.failed:
+                    continue
+                record_id, truncated = state.waiting.pop(index)
+                values = {name: column[j] for name, column in columns.items()}
+                state.ready[index] = (record_id, values, truncated, None)
+                touched.add(state)
+            for state in touched:
+                self.advance(state)
+
+    def advance(self, state: ShardState) -> None:
+        """Write the rows now contiguous from the last one written; commit a whole shard."""
+        if state.failed:
+            return
+        end = state.written
+        while end in state.ready:
+            end += 1
+        whole = state.total is not None and end == state.total
+        if end - state.written >= ROWS_PER_WRITE or (whole and end > state.written):
+            rows = [state.ready.pop(i) for i in range(state.written, end)]
+            state.writer.write(self.row_columns(rows))
+            state.written = end
+            state.errors += sum(1 for r in rows if r[3] is not None)
+            state.truncated += sum(1 for r in rows if r[2])
+            self.progress.add(documents=len(rows))
+        if state.complete:
+            state.writer.commit()
+            self.open_shards.remove(state)
+            self.report.done.append(state.ref.rel)
+            self.report.documents += state.written
+            self.report.errors += state.errors
+            self.report.truncated += state.truncated
+            self.progress.add(shards=1)
+            log.debug("shard done: %s (%d rows)", state.ref.rel, state.written)
+
+    def row_columns(self, rows: list[Row]) -> dict[str, list[Any]]:
+        task_names = [f.name for f in self.schema][1:-2]
+        columns: dict[str, list[Any]] = {"id": [r[0] for r in rows]}
+        for name in task_names:
+            columns[name] = [None if r[1] is None else r[1][name] for r in rows]
+        columns["truncated"] = [r[2] for r in rows]
+        columns["error"] = [r[3] for r in rows]
+        return columns
+
+    def fail_shard(self, state: ShardState, reason: str) -> None:
+        log.error("shard failed: %s: %s", state.ref.rel, reason)
+        state.failed = reason
+        state.writer.abort()
+        state.waiting.clear()
+        state.ready.clear()
+        self.open_shards.remove(state)
+        self.report.failed.append({"shard": state.ref.rel, "error": reason})
+
+
+def _next_chunk(reader: Iterator[list[Record]]) -> list[Record] | None:
+    return next(reader, None)
+
+
+def _manifest(spec: RunSpec, artifact: Artifact, report: Report) -> dict[str, Any]:
+    return {
+        "input": spec.input,
+        "output": spec.output,
+        "model": artifact.source_model,
+        "artifact": artifact.path,
+        "task": artifact.task,
+        "backend": artifact.backend,
+        "dtype": artifact.dtype,
+        "shapes": [[s.batch_size, s.seq_len] for s in artifact.shapes],
+        "versions": artifact.versions,
+        "shards": {"done": report.done, "skipped": report.skipped, "failed": report.failed},
+        "counts": {
+            "documents": report.documents,
+            "errors": report.errors,
+            "truncated": report.truncated,
+            "batches": report.batches,
+            "real_tokens": report.real_tokens,
+            "compiled_tokens": report.compiled_tokens,
+            "replica_restarts": report.replica_restarts,
+        },
+        "timings": {
+            "seconds": round(report.seconds, 3),
+            "pipeline_seconds": round(report.pipeline_seconds, 3),
+            "documents_per_second": round(report.documents / max(report.seconds, 1e-9), 2),
+        },
+    }

@@ -1,0 +1,44 @@
+"""Per task: the graph's outputs → the task's result columns, and their Arrow types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from batchjob.artifact import Artifact
+
+
+def task_fields(task: str) -> list[pa.Field[pa.DataType]]:
+    if task == "text-classification":
+        return [
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float32()),
+            pa.field("scores", pa.list_(pa.float32())),
+        ]
+    return [pa.field("embedding", pa.list_(pa.float32()))]
+
+
+def _activate(logits: np.ndarray, function: str) -> np.ndarray:
+    if function == "softmax":
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs: np.ndarray = shifted / shifted.sum(axis=-1, keepdims=True)
+        return probs
+    if function == "sigmoid":
+        sig: np.ndarray = 1.0 / (1.0 + np.exp(-logits))
+        return sig
+    return logits
+
+
+def task_columns(artifact: Artifact, outputs: np.ndarray) -> dict[str, list[Any]]:
+    """Rows of graph outputs (N, ...) → one list per task column, N values each."""
+    if artifact.task != "text-classification":
+        return {"embedding": list(outputs.astype(np.float32))}
+    scores = _activate(outputs.astype(np.float32), artifact.function_to_apply)
+    best = scores.argmax(axis=-1)
+    return {
+        "label": [artifact.labels[i] for i in best],
+        "score": list(scores[np.arange(len(best)), best]),
+        "scores": list(scores),
+    }

