@@ -18,7 +18,7 @@ import numpy as np
 
 from batchjob.batching import Shape
 from batchjob.errors import UsageError
-from batchjob.replicas import Predict
+from batchjob.replica_process import Predict
 
 MANIFEST = "batchjob.json"
 FORMAT_VERSION = 1

@@ -80,6 +80,11 @@ def load_model(
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
+    from transformers.utils import logging as hf_logging
+
+    # Loading bars and training-only notices would drown batchjob's one line per event.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     tokenizer = _load(AutoTokenizer.from_pretrained, model)
     if not getattr(tokenizer, "is_fast", False):

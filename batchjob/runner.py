@@ -28,7 +28,8 @@ from batchjob.config import RunSpec
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.progress import Progress
 from batchjob.records import Fields, Record, read_records
-from batchjob.replicas import ReplicaPool, plan_placements
+from batchjob.replica_process import plan_placements
+from batchjob.replicas import ReplicaPool
 from batchjob.sinks import ShardWriter, output_schema, write_manifest
 from batchjob.storage import ShardRef, existing_outputs, list_shards, open_shard
 from batchjob.tasks import task_columns

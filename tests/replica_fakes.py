@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from batchjob.replicas import Predict
+from batchjob.replica_process import Predict
 
 
 @dataclass(frozen=True)

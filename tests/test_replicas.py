@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from batchjob.errors import ReplicaError
-from batchjob.replicas import Placement, PoolState, ReplicaPool, plan_placements
+from batchjob.replica_process import Placement, plan_placements
+from batchjob.replicas import PoolState, ReplicaPool
 from tests.replica_fakes import Toy
 
 pytestmark = pytest.mark.timeout(60)
