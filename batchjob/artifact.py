@@ -22,7 +22,8 @@ from batchjob.replica_process import Predict
 
 MANIFEST = "batchjob.json"
 FORMAT_VERSION = 1
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+BUCKET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+PACKED_INPUTS = ("input_ids", "position_ids", "token_type_ids", "segment_ids", "segment_index")
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class Artifact:
     task: str
     backend: str
     dtype: str
-    strategy: str
+    strategy: str  # "buckets" or "packing": which batcher feeds the graphs
     shapes: tuple[Shape, ...]
+    max_segments: int = 1  # packing: documents a row may hold (K)
+    position_offset: int = 0  # packing: where each document's position ids start
     labels: tuple[str, ...] = ()
     function_to_apply: str = "none"  # classification: softmax, sigmoid or none, as the pipeline
     pooling: str | None = None
@@ -114,17 +117,21 @@ class ArtifactLoader:
         artifact = load_artifact(self.path)
         backend = get_backend(artifact.backend)
         graphs = {s.seq_len: backend.load(artifact.graph_path(s)) for s in artifact.shapes}
+        names = PACKED_INPUTS if artifact.strategy == "packing" else BUCKET_INPUTS
 
         def predict(arrays: dict[str, np.ndarray]) -> np.ndarray:
-            inputs = [torch.from_numpy(arrays[name]) for name in INPUT_NAMES]
+            inputs = [torch.from_numpy(arrays[name]) for name in names]
             with torch.inference_mode():
                 out: torch.Tensor = graphs[inputs[0].shape[1]](*inputs)
-            return out.float().numpy()
+            # Packed graphs answer (B, K, ...): one output row per segment slot.
+            return out.float().flatten(0, 1).numpy() if out.dim() > 2 else out.float().numpy()
 
         # A frozen graph optimises itself on its first calls: pay that before reporting ready.
         for shape in artifact.shapes:
-            dummy = np.zeros((shape.batch_size, shape.seq_len), dtype=np.int64)
-            ones = np.ones_like(dummy)
+            dummy = {name: np.zeros((shape.batch_size, shape.seq_len), np.int64) for name in names}
+            dummy["attention_mask"] = np.ones((shape.batch_size, shape.seq_len), np.int64)
+            dummy["segment_ids"] = dummy["attention_mask"]
+            dummy["segment_index"] = np.zeros((shape.batch_size, artifact.max_segments), np.int64)
             for _ in range(2):
-                predict({"input_ids": dummy, "attention_mask": ones, "token_type_ids": dummy})
+                predict(dummy)
         return predict

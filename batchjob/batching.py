@@ -8,7 +8,7 @@ numpy arrays to a replica, and output order is restored by the caller from the k
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -47,21 +47,21 @@ class Item:
 # eq=False: the generated __eq__/__hash__ would compare numpy arrays, which is ambiguous.
 @dataclass(frozen=True, eq=False)
 class Batch:
-    """Arrays of exactly ``shape``; ``keys[i]`` is row i's item key, None for padding rows."""
+    """Arrays of exactly ``shape``, and the key of each of the graph's output rows.
+
+    The graph answers one output row per batch row (buckets) or per segment slot of each
+    row (packing: B × K); ``keys[i]`` is output row i's item key, None for padding.
+    """
 
     shape: Shape
-    arrays: dict[str, np.ndarray]  # input_ids, attention_mask, token_type_ids: (B, S) int64
+    arrays: dict[str, np.ndarray]  # (B, S) int64 each; packing adds segment_index (B, K)
     keys: tuple[Hashable | None, ...]
+    real_tokens: int  # tokens of real items: what the batch is worth, padding excluded
 
     @property
     def valid(self) -> np.ndarray:
-        """(B,) bool: True for rows holding a real item."""
+        """One bool per output row: True where it holds a real item."""
         return np.fromiter((k is not None for k in self.keys), dtype=bool, count=len(self.keys))
-
-    @property
-    def real_tokens(self) -> int:
-        """Tokens of real items only: padding rows' one dummy mask position is not counted."""
-        return int(self.arrays["attention_mask"][self.valid].sum())
 
     def __len__(self) -> int:
         return sum(k is not None for k in self.keys)
@@ -181,4 +181,130 @@ class BucketBatcher:
         mask[len(queue) :, 0] = 1
         keys = tuple(item.key for _, item in queue) + (None,) * (rows - len(queue))
         arrays = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
-        return Batch(shape=shape, arrays=arrays, keys=keys)
+        real = sum(len(item.ids) for _, item in queue)
+        return Batch(shape=shape, arrays=arrays, keys=keys, real_tokens=real)
+
+
+class PackingBatcher:
+    """Several items per row of one compiled shape, each a segment attending only to itself.
+
+    Items are collected ``sort_window`` at a time, sorted longest first and packed best-fit
+    (the row with the least room that still fits; as tight as first-fit decreasing, and
+    found by bisection) into rows of ``seq_len`` tokens and at most ``max_segments``
+    segments; the rows go out ``batch_size`` at a time, the last batch padded. Position ids
+    restart at each segment's start (plus ``position_offset``: RoBERTa-style models count
+    from padding_idx + 1). The graph answers one output per segment slot, so ``keys`` has
+    ``batch_size × max_segments`` entries.
+    """
+
+    def __init__(
+        self,
+        shape: Shape,
+        *,
+        max_segments: int,
+        position_offset: int = 0,
+        sort_window: int = 4096,
+        pad_id: int = 0,
+    ) -> None:
+        if max_segments < 1:
+            raise ValueError(f"max_segments must be ≥ 1, got {max_segments}")
+        if sort_window < 1:
+            raise ValueError(f"sort_window must be ≥ 1, got {sort_window}")
+        self._shape = shape
+        self._k = max_segments
+        self._offset = position_offset
+        self._sort_window = sort_window
+        self._pad_id = pad_id
+        self._items: list[Item] = []
+        # Checks are BucketBatcher's: one bucket of this shape.
+        self._check = BucketBatcher([shape])._bucket_of
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    def add(self, items: Iterable[Item]) -> list[Batch]:
+        new = list(items)
+        for item in new:
+            self._check(item)
+        self._items.extend(new)
+        out: list[Batch] = []
+        while len(self._items) >= self._sort_window:
+            window = self._items[: self._sort_window]
+            del self._items[: self._sort_window]
+            out.extend(self._pack(window))
+        return out
+
+    def flush(self) -> list[Batch]:
+        window, self._items = self._items, []
+        return self._pack(window)
+
+    def _pack(self, items: list[Item]) -> list[Batch]:
+        rows: list[list[Item]] = []
+        room: list[tuple[int, int]] = []  # (free tokens, row) of rows that can take more
+        for item in sorted(items, key=lambda it: -len(it.ids)):
+            n = len(item.ids)
+            i = bisect_left(room, (n, -1))
+            if i == len(room):
+                rows.append([item])
+                free, row = self._shape.seq_len - n, len(rows) - 1
+            else:
+                free, row = room.pop(i)
+                rows[row].append(item)
+                free -= n
+            if free > 0 and len(rows[row]) < self._k:
+                insort(room, (free, row))
+        b = self._shape.batch_size
+        return [self._emit(rows[i : i + b]) for i in range(0, len(rows), b)]
+
+    def _emit(self, rows: list[list[Item]]) -> Batch:
+        b, s, k = self._shape.batch_size, self._shape.seq_len, self._k
+        input_ids = np.full((b, s), self._pad_id, dtype=_INT)
+        positions = np.zeros((b, s), dtype=_INT)
+        types = np.zeros((b, s), dtype=_INT)
+        segments = np.zeros((b, s), dtype=_INT)
+        starts = np.zeros((b, k), dtype=_INT)
+        keys: list[Hashable | None] = [None] * (b * k)
+        real = 0
+        for r, row in enumerate(rows):
+            start = 0
+            for slot, item in enumerate(row):
+                end = start + len(item.ids)
+                input_ids[r, start:end] = item.ids
+                positions[r, start:end] = np.arange(self._offset, self._offset + end - start)
+                if item.type_ids is not None:
+                    types[r, start:end] = item.type_ids
+                segments[r, start:end] = slot + 1
+                starts[r, slot] = start
+                keys[r * k + slot] = item.key
+                start = end
+            real += start
+        arrays = {
+            "input_ids": input_ids,
+            "position_ids": positions,
+            "token_type_ids": types,
+            "segment_ids": segments,
+            "segment_index": starts,
+        }
+        return Batch(shape=self._shape, arrays=arrays, keys=tuple(keys), real_tokens=real)
+
+
+def make_batcher(
+    strategy: str,
+    shapes: Sequence[Shape],
+    *,
+    max_segments: int = 1,
+    position_offset: int = 0,
+    sort_window: int = 4096,
+    pad_id: int = 0,
+) -> Batcher:
+    """The batcher an artifact's graphs expect (its `strategy`)."""
+    if strategy == "packing":
+        return PackingBatcher(
+            shapes[0],
+            max_segments=max_segments,
+            position_offset=position_offset,
+            sort_window=sort_window,
+            pad_id=pad_id,
+        )
+    return BucketBatcher(shapes, sort_window=sort_window, pad_id=pad_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -11,16 +12,25 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from importlib import metadata
 
+import numpy as np
 import torch
 
-from batchjob.artifact import Artifact, is_artifact, load_artifact
+from batchjob.artifact import PACKED_INPUTS, Artifact, is_artifact, load_artifact
 from batchjob.backends import get_backend
-from batchjob.batching import Shape
-from batchjob.config import CompileSpec
+from batchjob.batching import Item, PackingBatcher, Shape
+from batchjob.config import (
+    DEFAULT_BUCKETS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_PACKING_LENGTH,
+    CompileSpec,
+    resolve_shapes,
+)
 from batchjob.errors import BatchJobError, UsageError
-from batchjob.models import EncoderGraph, LoadedModel, infer_task, load_model
+from batchjob.graphs import EncoderGraph, position_offset, supports_packing
+from batchjob.models import LoadedModel, infer_task, load_model
 
 log = logging.getLogger("batchjob.compile")
 
@@ -49,10 +59,103 @@ def example_inputs(shape: Shape, vocab_size: int, seed: int = 0) -> tuple[torch.
     return ids * mask, mask, torch.zeros_like(ids)
 
 
+def packed_example(
+    shape: Shape, max_segments: int, offset: int, vocab_size: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """A packed batch of the shape, made by the packing batcher from random documents."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, max(3, shape.seq_len // 3), size=2 * shape.batch_size * max_segments)
+    items = [Item(i, rng.integers(5, max(6, vocab_size), size=n)) for i, n in enumerate(lengths)]
+    batcher = PackingBatcher(shape, max_segments=max_segments, position_offset=offset)
+    batcher.add(items)
+    batch = batcher.flush()[0]
+    return tuple(torch.from_numpy(batch.arrays[name]) for name in PACKED_INPUTS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to compile: the strategy its batcher uses, its shapes, and packing's settings."""
+
+    strategy: str
+    shapes: tuple[Shape, ...]
+    max_segments: int = 1
+    position_offset: int = 0
+
+
+def plan(spec: CompileSpec, loaded: LoadedModel) -> Plan:
+    """Packing where asked (or by default) and the family allows it, else buckets."""
+    config = loaded.config
+    packing = spec.packing if spec.packing is not None else len(spec.shapes) <= 1
+    if packing and not supports_packing(config):
+        log.warning(
+            "model type %s can't be packed (its attention may ignore a custom mask): "
+            "compiling buckets instead",
+            config.model_type,
+        )
+        packing = False
+    limit = int(getattr(config, "max_position_embeddings", 512)) - position_offset(config)
+    lengths = calibration_lengths(spec.calibrate, loaded, limit) if spec.calibrate else None
+    if not packing:
+        if spec.shapes:
+            return Plan("buckets", spec.shapes)
+        top = _length_for(lengths, limit) if lengths is not None else DEFAULT_BUCKETS[-1]
+        buckets = (*(n for n in DEFAULT_BUCKETS if n < top), top)
+        return Plan("buckets", resolve_shapes(None, None, buckets, None))
+    if spec.shapes:
+        shape = spec.shapes[0]
+    else:
+        length = _length_for(lengths, limit) if lengths is not None else DEFAULT_PACKING_LENGTH
+        shape = Shape(length, max(1, DEFAULT_MAX_BATCH_TOKENS // length))
+    short = int(np.percentile(lengths, 10)) if lengths is not None and len(lengths) else 8
+    segments = spec.max_segments or min(64, max(1, shape.seq_len // max(2, short)))
+    return Plan("packing", (shape,), segments, position_offset(config))
+
+
+def _length_for(lengths: np.ndarray, limit: int) -> int:
+    """The smallest standard length that holds 99% of the sample, within the model's limit."""
+    need = int(np.percentile(lengths, 99)) if len(lengths) else DEFAULT_PACKING_LENGTH
+    return min(next((n for n in (32, 64, 128, 256, 512) if n >= need), 512), limit)
+
+
+def calibration_lengths(
+    path: str, loaded: LoadedModel, limit: int, sample: int = 2000
+) -> np.ndarray:
+    """Token counts of up to `sample` records of the shards at `path` (untruncated)."""
+    from tokenizers import Tokenizer
+
+    from batchjob.records import Fields, read_records
+    from batchjob.storage import list_shards
+
+    # A copy: the artifact saves the model's tokenizer as it came.
+    tokenizer = Tokenizer.from_str(loaded.tokenizer.backend_tokenizer.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    texts: list[str] = []
+    for shard in list_shards(path):
+        with open(shard.path, "rb") as stream:
+            for chunk in read_records(stream, shard.format, shard.rel, Fields(), gzip=shard.gzip):
+                texts += [r.text for r in chunk if r.text is not None]
+                if len(texts) >= sample:
+                    break
+        if len(texts) >= sample:
+            break
+    if not texts:
+        raise UsageError(f"--calibrate {path}: no readable records")
+    lengths = np.array([len(e.ids) for e in tokenizer.encode_batch(texts[:sample])])
+    log.info(
+        "calibrated on %d records of %s: tokens p10 %d, median %d, p90 %d, p99 %d",
+        len(lengths),
+        path,
+        *np.percentile(lengths, [10, 50, 90, 99]).astype(int),
+    )
+    capped: np.ndarray = np.minimum(lengths, limit)
+    return capped
+
+
 def compile_artifact(spec: CompileSpec, output: str) -> Artifact:
     """Trace one graph per shape into `output` (written whole, then renamed into place)."""
-    if os.path.exists(output) and os.listdir(output):
-        raise UsageError(f"--output {output} exists and is not empty")
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise UsageError(f"--output {output} exists and is not an empty directory")
     task = spec.task or infer_task(spec.model)
     dtype = resolve_dtype(spec)
     backend = get_backend(spec.backend)
@@ -60,16 +163,24 @@ def compile_artifact(spec: CompileSpec, output: str) -> Artifact:
     weights = torch.bfloat16 if dtype == "bf16" and backend.device == "cpu" else torch.float32
     started = time.monotonic()
     loaded = load_model(spec.model, task, weights, spec.pooling, spec.normalize)
-    uses_token_types = "token_type_ids" in loaded.tokenizer.model_input_names
-    graph = EncoderGraph(loaded, uses_token_types).eval()
+    uses_token_types = "token_type_ids" in loaded.tokenizer.model_input_names and (
+        "token_type_ids" in inspect.signature(loaded.model.forward).parameters
+    )
+    chosen = plan(spec, loaded)
+    packed = chosen.strategy == "packing"
+    graph = EncoderGraph(loaded, uses_token_types, packed).eval()
 
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".compiling-", dir=parent)
     try:
         worst = 0.0
-        for shape in spec.shapes:
-            inputs = example_inputs(shape, loaded.config.vocab_size)
+        vocab = loaded.config.vocab_size
+        for shape in chosen.shapes:
+            if packed:
+                inputs = packed_example(shape, chosen.max_segments, chosen.position_offset, vocab)
+            else:
+                inputs = example_inputs(shape, vocab)
             with warnings.catch_warnings():
                 # Tracing warns about every Python bool it freezes; the mask is built in-graph.
                 warnings.simplefilter("ignore")
@@ -78,11 +189,13 @@ def compile_artifact(spec: CompileSpec, output: str) -> Artifact:
                 worst = max(worst, _check_against_eager(graph, traced, inputs, dtype, shape))
             torch.jit.save(traced, os.path.join(staging, f"graph_{shape.seq_len}.pt"))
             log.info(
-                "%.1fs traced %s graph %dx%d",
+                "%.1fs traced %s %s graph %dx%d%s",
                 time.monotonic() - started,
                 backend.name,
+                chosen.strategy,
                 shape.batch_size,
                 shape.seq_len,
+                f" (up to {chosen.max_segments} documents a row)" if packed else "",
             )
         loaded.tokenizer.save_pretrained(os.path.join(staging, "tokenizer"))
         loaded.config.save_pretrained(staging)
@@ -91,8 +204,10 @@ def compile_artifact(spec: CompileSpec, output: str) -> Artifact:
             task=task,
             backend=backend.name,
             dtype=dtype,
-            strategy="buckets",
-            shapes=spec.shapes,
+            strategy=chosen.strategy,
+            shapes=chosen.shapes,
+            max_segments=chosen.max_segments,
+            position_offset=chosen.position_offset,
             labels=_labels(loaded),
             function_to_apply=_function_to_apply(loaded),
             pooling=loaded.pooling,

@@ -26,6 +26,9 @@ POOLINGS = ("auto", "mean", "cls", "max")
 # typical short-document corpus this wastes little on padding (BENCHMARKS.md).
 DEFAULT_BUCKETS = (16, 24, 32, 48, 64, 96, 128)
 DEFAULT_MAX_BATCH_TOKENS = 1024
+# Packing's one shape when nothing else decides it: rows of 128 tokens, the token budget's
+# worth of rows, up to 16 documents a row.
+DEFAULT_PACKING_LENGTH = 128
 CLASSIC_BATCH_SIZE = 6
 CLASSIC_SEQUENCE_LENGTH = 128
 
@@ -80,7 +83,11 @@ def resolve_shapes(
         return (Shape(length, batch_size or CLASSIC_BATCH_SIZE),)
     _require(sequence_length is None, "--sequence-length and --buckets exclude each other")
     lengths = buckets or DEFAULT_BUCKETS
-    if batch_size is not None and max_batch_tokens is None:
+    _require(
+        batch_size is None or max_batch_tokens is None,
+        "--batch-size and --max-batch-tokens exclude each other",
+    )
+    if batch_size is not None:
         return tuple(Shape(n, batch_size) for n in lengths)
     budget = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
     _require(
@@ -98,10 +105,13 @@ class CompileSpec:
     task: str | None = None  # None: inferred from the model's config
     backend: str = "cpu"
     dtype: str = "auto"
-    shapes: tuple[Shape, ...] = ()
+    shapes: tuple[Shape, ...] = ()  # () = the strategy's default shapes
     compiler_args: tuple[str, ...] = ()
     pooling: str = "auto"
     normalize: bool = True
+    packing: bool | None = None  # None: packing where the model family allows it
+    max_segments: int | None = None  # packing: documents a row may hold (default S // 8)
+    calibrate: str | None = None  # a sample of the input: its lengths decide the shape
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "--model is required")
@@ -110,8 +120,20 @@ class CompileSpec:
         _choice("--backend", self.backend, BACKENDS)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--pooling", self.pooling, POOLINGS)
-        if not self.shapes:
-            object.__setattr__(self, "shapes", resolve_shapes(None, None, None, None))
+        lengths = [s.seq_len for s in self.shapes]
+        _require(
+            all(a < b for a, b in itertools.pairwise(lengths)),
+            f"shapes must have strictly increasing lengths, got {','.join(map(str, lengths))}",
+        )
+        _require(
+            self.max_segments is None or self.max_segments >= 1,
+            f"--max-segments must be ≥ 1, got {self.max_segments}",
+        )
+        _require(
+            not (self.packing and len(self.shapes) > 1),
+            "--packing compiles one shape: give --sequence-length (and --batch-size), "
+            "not --buckets",
+        )
         _require(
             self.backend != "cpu" or not self.compiler_args,
             "--compiler-args only applies to the neuron and neuronx backends",
@@ -138,9 +160,18 @@ class RunSpec:
     replica_start_timeout: float = 300.0
     cache_dir: str = ""
     progress: str = "auto"  # auto: a bar on a terminal, log lines otherwise
+    input_manifest: str | None = None  # instead of --input: a list of shards (local or s3://)
+    max_shards_in_flight: int = 8  # shards open at once: S3 objects download ahead
 
     def __post_init__(self) -> None:
-        _require(bool(self.input), "--input is required")
+        _require(
+            bool(self.input) or bool(self.input_manifest),
+            "--input is required (or --input-manifest)",
+        )
+        _require(
+            not (self.input and self.input_manifest),
+            "--input and --input-manifest exclude each other",
+        )
         _require(bool(self.output), "--output is required")
         _choice("--format", self.format, ("auto", "jsonl", "csv", "parquet", "txt"))
         _choice("--progress", self.progress, ("auto", "bar", "log", "none"))
@@ -152,6 +183,7 @@ class RunSpec:
             ("--cores-per-replica", self.cores_per_replica),
             ("--sort-window", self.sort_window),
             ("--chunk-size", self.chunk_size),
+            ("--max-shards-in-flight", self.max_shards_in_flight),
         ):
             _require(value >= 1, f"{flag} must be ≥ 1, got {value}")
         _require(

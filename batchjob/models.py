@@ -1,10 +1,4 @@
-"""Hugging Face models as traceable graphs: fixed-shape tensors in, task outputs out.
-
-The graph takes `(input_ids, attention_mask, token_type_ids)` and builds the additive
-4-D attention mask itself, so no data-dependent mask logic of the model is frozen into the
-trace. Text classification returns the logits; feature extraction returns the pooled
-(and by default L2-normalised) sentence embedding, as sentence-transformers does.
-"""
+"""Loading Hugging Face models for a task: tokenizer, model, config, pooling."""
 
 from __future__ import annotations
 
@@ -49,9 +43,12 @@ def infer_task(model: str) -> str:
 
 
 def _load(fn: Any, model: str, **kwargs: Any) -> Any:
+    # A path that isn't there would otherwise be reported as a malformed hub id.
+    if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise UsageError(f"--model {model}: no such directory")
     try:
         return fn(model, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # any loader failure (OSError, SafetensorError...): same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {model}: can't load it: {first}") from None
 
@@ -90,56 +87,21 @@ def load_model(
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"--model {model}: batchjob needs a fast (Rust) tokenizer")
     config = _load(AutoConfig.from_pretrained, model)
+    if len(tokenizer) < config.vocab_size // 2:
+        raise UsageError(
+            f"--model {model}: its tokenizer has {len(tokenizer)} tokens for a vocabulary of "
+            f"{config.vocab_size}; are the tokenizer files missing?"
+        )
     auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
-    # sdpa takes the additive float mask as given; the graph is traced once per shape.
-    hf_model = _load(auto.from_pretrained, model, dtype=dtype, attn_implementation="sdpa")
+    # transformers picks sdpa where the family has it, else eager: both take the additive
+    # 4-D mask the graph builds.
+    hf_model, info = _load(auto.from_pretrained, model, dtype=dtype, output_loading_info=True)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise UsageError(
+            f"--model {model}: no trained weights for {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}; is it a {task} model? (see --task)"
+        )
     hf_model.eval()
     mode = read_pooling(model, pooling) if task == "feature-extraction" else None
     return LoadedModel(task, hf_model, tokenizer, config, mode, normalize)
-
-
-class EncoderGraph(nn.Module):
-    """What gets traced: fixed-shape int tensors in, float32 task outputs out."""
-
-    def __init__(self, loaded: LoadedModel, uses_token_types: bool) -> None:
-        super().__init__()
-        self.model = loaded.model
-        self.task = loaded.task
-        self.pooling = loaded.pooling
-        self.normalize = loaded.normalize
-        self.uses_token_types = uses_token_types
-        self.dtype = next(loaded.model.parameters()).dtype
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        keep = attention_mask[:, None, None, :].to(self.dtype)
-        additive = (1.0 - keep) * torch.finfo(self.dtype).min
-        kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": additive}
-        if self.uses_token_types:
-            kwargs["token_type_ids"] = token_type_ids
-        out = self.model(**kwargs)
-        if self.task == "text-classification":
-            logits: torch.Tensor = out.logits.float()
-            return logits
-        return pool(out.last_hidden_state.float(), attention_mask, self.pooling, self.normalize)
-
-
-def pool(
-    hidden: torch.Tensor, mask: torch.Tensor, mode: str | None, normalize: bool
-) -> torch.Tensor:
-    """sentence-transformers' pooling over the real tokens of each row."""
-    real = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "cls":
-        pooled = hidden[:, 0]
-    elif mode == "max":
-        pooled = hidden.masked_fill(real == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
-    else:
-        pooled = (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1e-9)
-    if normalize:
-        pooled = nn.functional.normalize(pooled, p=2.0, dim=-1)
-    result: torch.Tensor = pooled
-    return result

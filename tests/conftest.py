@@ -122,14 +122,16 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> CompileFn:
     cache: dict[tuple[object, ...], Artifact] = {}
 
     def build(
-        model: Path, shapes: tuple[Shape, ...] = (Shape(16, 4), Shape(32, 2)), dtype: str = "fp32"
+        model: Path,
+        shapes: tuple[Shape, ...] = (Shape(16, 4), Shape(32, 2)),
+        dtype: str = "fp32",
+        packing: bool | None = None,
     ) -> Artifact:
-        key = (str(model), shapes, dtype)
+        key = (str(model), shapes, dtype, packing)
         if key not in cache:
             out = tmp_path_factory.mktemp("artifact") / "a"
-            cache[key] = compile_artifact(
-                CompileSpec(model=str(model), shapes=shapes, dtype=dtype), str(out)
-            )
+            spec = CompileSpec(model=str(model), shapes=shapes, dtype=dtype, packing=packing)
+            cache[key] = compile_artifact(spec, str(out))
         return cache[key]
 
     return build

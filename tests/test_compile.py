@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import batchjob.compile as compile_mod
-from batchjob.artifact import INPUT_NAMES, Artifact, ArtifactLoader, load_artifact
+from batchjob.artifact import BUCKET_INPUTS, Artifact, ArtifactLoader, load_artifact
 from batchjob.backends import get_backend
 from batchjob.backends.cpu import CpuBackend
 from batchjob.batching import Shape
@@ -76,7 +76,7 @@ def batch_for(artifact: Artifact, shape: Shape, seed: int = 0) -> dict[str, np.n
         max_length=shape.seq_len,
         return_tensors="np",
     )
-    arrays = {name: encoded[name].astype(np.int64) for name in INPUT_NAMES}
+    arrays = {name: encoded[name].astype(np.int64) for name in BUCKET_INPUTS}
     assert arrays["input_ids"].shape == (shape.batch_size, shape.seq_len)
     assert (arrays["attention_mask"] == 0).any(), "the batch must contain padding"
     return arrays
@@ -168,7 +168,7 @@ def test_classifier_artifact_layout(classifier_dir: Path, compiled: CompileFn) -
         "tokenizer",
     ]
     assert (root / "tokenizer" / "tokenizer.json").is_file()
-    assert json.loads((root / "config.json").read_text())["num_labels"] == 3
+    assert len(json.loads((root / "config.json").read_text())["id2label"]) == 3
     assert artifact.max_length == 32
     assert artifact.graph_path(Shape(16, 4)) == str(root / "graph_16.pt")
     assert leftovers(root.parent) == []
@@ -225,7 +225,8 @@ def test_pooling_is_read_from_the_model(embedder_dir: Path, tmp_path: Path) -> N
     pooling_file.write_text(json.dumps(pooling))
 
     artifact = compile_artifact(
-        CompileSpec(model=str(model), shapes=SMALL, dtype="fp32"), str(tmp_path / "a")
+        CompileSpec(model=str(model), shapes=SMALL, dtype="fp32", packing=False),
+        str(tmp_path / "a"),
     )
     assert artifact.pooling == "cls"
     arrays = batch_for(artifact, SMALL[0])
@@ -272,7 +273,8 @@ def test_bf16_on_cpu(
     monkeypatch.setattr(CpuBackend, "trace", spy)
     shape = SHAPES[0]
     artifact = compile_artifact(
-        CompileSpec(model=str(embedder_dir), shapes=(shape,), dtype="bf16"), str(tmp_path / "a")
+        CompileSpec(model=str(embedder_dir), shapes=(shape,), dtype="bf16", packing=False),
+        str(tmp_path / "a"),
     )
     assert weights == [{torch.bfloat16}]
     assert artifact.dtype == manifest(artifact)["dtype"] == "bf16"
@@ -287,7 +289,8 @@ def test_bf16_on_cpu(
 
 
 @pytest.mark.parametrize(
-    ("backend", "dtype"), [("cpu", "fp32"), ("cpu", "bf16"), ("neuron", "fp32"), ("neuronx", "bf16")]
+    ("backend", "dtype"),
+    [("cpu", "fp32"), ("cpu", "bf16"), ("neuron", "fp32"), ("neuronx", "bf16")],
 )
 def test_resolve_dtype_explicit(backend: str, dtype: str) -> None:
     assert resolve_dtype(CompileSpec(model="m", backend=backend, dtype=dtype)) == dtype
@@ -337,21 +340,6 @@ def test_infer_task_asks_for_task_on_a_plain_model(plain_dir: Path) -> None:
     assert "pass --task text-classification or --task feature-extraction" in message
 
 
-def test_nonexistent_model_path(tmp_path: Path) -> None:
-    missing = tmp_path / "no-such-model"
-    with pytest.raises(UsageError) as info:
-        compile_artifact(CompileSpec(model=str(missing), shapes=SMALL), str(tmp_path / "out"))
-    message = str(info.value)
-    assert message.startswith(f"--model {missing}: can't load it: ")
-    assert "\n" not in message
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a nonexistent local model path is reported as a bad hub repo id "
-    "('Repo id must be in the form ...'), not as a missing directory (models.py _load)",
-)
 def test_nonexistent_model_path_says_it_does_not_exist(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(UsageError, match=r"(?i)does not exist|no such"):
@@ -384,11 +372,6 @@ def test_unloadable_model_dir(
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a model dir without tokenizer files compiles with a 5-token placeholder "
-    "tokenizer (every word → [UNK]) instead of failing (models.py load_model)",
-)
 def test_model_dir_without_tokenizer_is_refused(classifier_dir: Path, tmp_path: Path) -> None:
     model = tmp_path / "no-tokenizer"
     model.mkdir()
@@ -402,7 +385,7 @@ def test_output_not_empty(classifier_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UsageError, match=f"^--output {out} exists and is not empty$"):
+    with pytest.raises(UsageError, match=re.escape(f"--output {out} exists and is not")):
         compile_artifact(CompileSpec(model=str(classifier_dir), shapes=SMALL), str(out))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert leftovers(tmp_path) == []
@@ -419,11 +402,6 @@ def test_output_existing_empty_dir_is_used(classifier_dir: Path, tmp_path: Path)
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an --output that is an existing file raises NotADirectoryError from "
-    "os.listdir, not a UsageError (compile.py compile_artifact)",
-)
 def test_output_is_a_file(classifier_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("not a directory")
@@ -465,7 +443,7 @@ def test_failed_compile_leaves_no_partial_artifact(
 
 
 @pytest.fixture
-def compile_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def compile_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     original = compile_mod.compile_artifact
 
@@ -474,7 +452,7 @@ def compile_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         return original(spec, output)
 
     monkeypatch.setattr(compile_mod, "compile_artifact", counting)
-    yield calls
+    return calls
 
 
 def test_ensure_artifact_uses_an_artifact_as_is(
@@ -555,7 +533,8 @@ def test_get_backend() -> None:
     # The Neuron backends import without their SDK: it is imported when used.
     assert (get_backend("neuron").name, get_backend("neuron").device) == ("neuron", "neuron")
     assert (get_backend("neuronx").name, get_backend("neuronx").device) == ("neuronx", "neuron")
-    with pytest.raises(UsageError, match="--backend must be one of cpu, neuron, neuronx, got 'gpu'"):
+    message = "--backend must be one of cpu, neuron, neuronx, got 'gpu'"
+    with pytest.raises(UsageError, match=re.escape(message)):
         get_backend("gpu")
 
 
@@ -619,8 +598,7 @@ def test_neuron_keeps_the_users_precision_flag(
     assert [call.compiler_args for call in sdk.calls] == [own_flag]
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "auto"])
-@pytest.mark.parametrize("backend", ["neuron", "neuronx"])
+@pytest.mark.parametrize(("backend", "dtype"), [("neuron", "bf16"), ("neuronx", "auto")])
 def test_neuron_weights_stay_fp32_for_bf16(
     backend: str,
     dtype: str,

@@ -1,0 +1,147 @@
+"""What gets traced: fixed-shape int tensors in, float32 task outputs out.
+
+Two graph kinds, one per batching strategy:
+
+- buckets: `(input_ids, attention_mask, token_type_ids)`, one record per row → `(B, ...)`;
+- packing: `(input_ids, position_ids, token_type_ids, segment_ids, segment_index)`, up to K
+  records per row, each attending only to itself → `(B, K, ...)`, one output per slot.
+
+Both build the attention mask inside the graph from int inputs, so no data-dependent mask
+logic of the model is frozen into the trace. The packed graph applies the model's own head
+to each segment: for classification the first token of the segment through the family's
+pooler and classifier (or its mean, where the model pools by mean); for embeddings the
+model's pooling over the segment's real tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchjob.models import LoadedModel
+
+# Families whose encoder honours a 4-D mask and explicit position ids, and whose heads are
+# mirrored below; packed == unpacked is proven for each in tests/test_packing.py.
+PACKING_FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "electra", "modernbert")
+_ROBERTA_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+def supports_packing(config: Any) -> bool:
+    return str(config.model_type) in PACKING_FAMILIES
+
+
+def position_offset(config: Any) -> int:
+    """Where position ids start: RoBERTa-style models count from padding_idx + 1."""
+    return int(config.pad_token_id) + 1 if config.model_type in _ROBERTA_POSITIONS else 0
+
+
+def attention_mask(config: Any, keep: torch.Tensor, dtype: torch.dtype) -> Any:
+    """`keep` (B, 1, S, S) bool → the additive mask the model takes (per layer type)."""
+    additive = (~keep).to(dtype) * torch.finfo(dtype).min
+    window = getattr(config, "sliding_window", None)
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()) or window is None:
+        return additive
+    # A 4-D mask bypasses the model's own sliding-window logic (ModernBERT's local layers),
+    # so the window is applied here.
+    s = keep.shape[-1]
+    pos = torch.arange(s, device=keep.device)
+    near = (pos[:, None] - pos[None, :]).abs() <= window
+    local = (~(keep & near)).to(dtype) * torch.finfo(dtype).min
+    return {"full_attention": additive, "sliding_attention": local}
+
+
+def classify(model: Any, first: torch.Tensor, mean: torch.Tensor) -> Any:
+    """The family's classification head on pooled segments `(N, H)` → logits `(N, C)`."""
+    kind = model.config.model_type
+    if kind == "bert":
+        return model.classifier(model.dropout(model.bert.pooler(first[:, None])))
+    if kind in ("roberta", "xlm-roberta", "electra"):
+        return model.classifier(first[:, None])
+    if kind == "distilbert":
+        return model.classifier(model.dropout(nn.functional.relu(model.pre_classifier(first))))
+    if kind == "modernbert":
+        pooled = mean if model.config.classifier_pooling == "mean" else first
+        return model.classifier(model.drop(model.head(pooled)))
+    raise ValueError(f"no packed classification head for model type {kind!r}")
+
+
+def pool(
+    hidden: torch.Tensor, member: torch.Tensor, mode: str | None, normalize: bool
+) -> torch.Tensor:
+    """sentence-transformers' pooling: `hidden` (B, S, H), `member` (B, K, S) 0/1 → (B, K, H)."""
+    weights = member.to(hidden.dtype)
+    if mode == "max":
+        masked = hidden[:, None].masked_fill(weights[..., None] == 0, torch.finfo(hidden.dtype).min)
+        pooled = masked.amax(dim=2)
+    elif mode == "cls":
+        first = weights.cumsum(-1).eq(1) & weights.bool()
+        pooled = first.to(hidden.dtype) @ hidden
+    else:
+        pooled = (weights @ hidden) / weights.sum(-1, keepdim=True).clamp(min=1e-9)
+    if normalize:
+        pooled = nn.functional.normalize(pooled, p=2.0, dim=-1)
+    return pooled
+
+
+class EncoderGraph(nn.Module):
+    """Buckets (`packed=False`, one record per row) or packing (up to K records per row)."""
+
+    def __init__(self, loaded: LoadedModel, uses_token_types: bool, packed: bool) -> None:
+        super().__init__()
+        self.model: Any = loaded.model
+        self.config = loaded.config
+        self.task = loaded.task
+        self.pooling = loaded.pooling
+        self.normalize = loaded.normalize
+        self.uses_token_types = uses_token_types
+        self.packed = packed
+        # Families mirrored here get the 4-D mask and their head applied per segment; any
+        # other (buckets only) gets its usual 2-D mask and runs whole.
+        self.mirrored = packed or supports_packing(loaded.config)
+        self.dtype = next(loaded.model.parameters()).dtype
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            input_ids, position_ids, token_type_ids, segment_ids, segment_index = inputs
+        else:
+            input_ids, segment_ids, token_type_ids = inputs  # the attention mask: 1 segment
+            position_ids, segment_index = None, torch.zeros_like(input_ids[:, :1])
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": segment_ids}
+        if self.mirrored:
+            kwargs["attention_mask"] = attention_mask(
+                self.config, self.keep(segment_ids), self.dtype
+            )
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if self.uses_token_types:
+            kwargs["token_type_ids"] = token_type_ids
+        if self.task == "text-classification" and not self.mirrored:
+            out: torch.Tensor = self.model(**kwargs).logits.float()
+            return out
+        slots = torch.arange(1, segment_index.shape[1] + 1, device=input_ids.device)
+        member = segment_ids[:, None, :] == slots[None, :, None]  # (B, K, S)
+        encoder: Any = self.model.base_model if self.task == "text-classification" else self.model
+        hidden = encoder(**kwargs).last_hidden_state
+        if self.task == "text-classification":
+            b, k = segment_index.shape
+            index = segment_index[..., None].expand(b, k, hidden.shape[-1])
+            first = hidden.gather(1, index)  # (B, K, H)
+            mean = pool(hidden, member, "mean", normalize=False)
+            logits = classify(self.model, first.flatten(0, 1), mean.flatten(0, 1))
+            out = logits.float().view(b, k, -1)
+        else:
+            out = pool(hidden.float(), member, self.pooling, self.normalize)
+        return out if self.packed else out[:, 0]
+
+    def keep(self, segment_ids: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) bool: a token sees the tokens of its own segment."""
+        keep = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        if self.packed:
+            return keep
+        # One record a row: real tokens see real tokens; padding sees only itself, so no
+        # row of the mask is empty (an empty softmax row is NaN in some kernels).
+        s = segment_ids.shape[1]
+        eye = torch.eye(s, dtype=torch.bool, device=segment_ids.device)
+        return keep & ((segment_ids[:, None, None, :] > 0) | eye)
