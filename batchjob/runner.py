@@ -1,10 +1,12 @@
 """`batchjob run`: one asyncio pipeline from shards to Parquet.
 
-    read (thread) ─► tokenize (thread) ─► batcher ─► replica pool ─► collect ─► ShardWriter
+    fetch (loop) ─► read (thread) ─► tokenize (thread) ─► batcher ─► replica pool ─► collect
+      ─► writer (temp file) ─► commit (rename, or one conditional S3 upload)
 
-Bounded queues sit between the stages, and the batcher's sort window bounds how many
-records wait, so memory stays flat however large the input. Rows reach each shard's file in
-input order; the file is renamed into place only once the whole shard is done.
+Bounded queues sit between the stages, at most --max-shards-in-flight shards are open (S3
+objects download ahead into bounded buffers), and the batcher's sort window bounds how many
+records wait, so memory stays flat however large the input. Rows reach each shard's temp
+file in input order; it is published only once the whole shard is done.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from batchjob.artifact import Artifact, ArtifactLoader
 from batchjob.backends import get_backend
-from batchjob.batching import Batch, BucketBatcher, Item
+from batchjob.batching import Batch, Item, make_batcher
 from batchjob.compile import ensure_artifact
 from batchjob.config import RunSpec
 from batchjob.errors import BatchJobError, UsageError
@@ -30,8 +32,9 @@ from batchjob.progress import Progress
 from batchjob.records import Fields, Record, read_records
 from batchjob.replica_process import plan_placements
 from batchjob.replicas import ReplicaPool
-from batchjob.sinks import ShardWriter, output_schema, write_manifest
-from batchjob.storage import ShardRef, existing_outputs, list_shards, open_shard
+from batchjob.s3 import is_s3
+from batchjob.sinks import OutputWriter, output_schema
+from batchjob.storage import ShardRef, Storage
 from batchjob.tasks import task_columns
 from batchjob.tokens import Encoded, RecordTokenizer
 
@@ -39,6 +42,9 @@ log = logging.getLogger("batchjob.run")
 
 ROWS_PER_WRITE = 4096  # rows buffered per shard before a Parquet row group is written
 CHUNKS_AHEAD = 4  # tokenized chunks read ahead of dispatch
+# On SIGTERM, outputs already being published get this long to finish: under Kubernetes'
+# default 30 s grace period, with room to stop the replicas and write the manifest.
+COMMIT_GRACE_SECONDS = 15.0
 
 # id, task values (None for an error row), truncated, error
 Row = tuple[str, dict[str, Any] | None, bool, str | None]
@@ -47,7 +53,7 @@ Row = tuple[str, dict[str, Any] | None, bool, str | None]
 @dataclass(eq=False)
 class ShardState:
     ref: ShardRef
-    writer: ShardWriter
+    writer: OutputWriter
     count: int = 0  # records read so far
     total: int | None = None  # known once the shard is fully read
     written: int = 0
@@ -81,26 +87,9 @@ class Report:
 def run(spec: RunSpec) -> int:
     """Run the job; 0 when every shard is done, 1 when some failed. UsageError: nothing written."""
     started = time.monotonic()
-    shards = list_shards(spec.input, spec.format, exclude=spec.output)
-    if spec.text_pair_field and any(s.format == "txt" for s in shards):
-        raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
-    artifact = ensure_artifact(spec.compile, spec.cache_dir)
-    os.makedirs(spec.output, exist_ok=True)
-    done_before = existing_outputs(spec.output) if spec.resume else set()
-    todo = [s for s in shards if s.output_rel not in done_before]
-    report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
-    if report.skipped:
-        log.info("--resume: %d shard(s) already done, %d to go", len(report.skipped), len(todo))
-    try:
-        asyncio.run(_run(spec, artifact, todo, report))
-    except asyncio.CancelledError:
-        raise BatchJobError(
-            f"interrupted by a signal after {len(report.done)} shard(s); "
-            "run again with --resume to finish"
-        ) from None
-    finally:
-        report.seconds = time.monotonic() - started
-        write_manifest(spec.output, _manifest(spec, artifact, report))
+    if not is_s3(spec.output) and os.path.exists(spec.output) and not os.path.isdir(spec.output):
+        raise UsageError(f"--output {spec.output}: exists and is not a directory")
+    report = asyncio.run(_main(spec, started))
     rate = report.documents / max(report.seconds, 1e-9)
     print(
         f"batchjob run: {report.documents} documents, {report.errors} errors, "
@@ -111,7 +100,39 @@ def run(spec: RunSpec) -> int:
     return 1 if report.failed else 0
 
 
-async def _run(spec: RunSpec, artifact: Artifact, shards: list[ShardRef], report: Report) -> None:
+async def _main(spec: RunSpec, started: float) -> Report:
+    # Connections: the shards downloading ahead, the uploads, a listing.
+    async with Storage(connections=spec.max_shards_in_flight + 6) as storage:
+        if spec.input_manifest:
+            shards = await storage.read_shard_list(spec.input_manifest, spec.format)
+        else:
+            shards = await storage.list_shards(spec.input, spec.format, exclude=spec.output)
+        if spec.text_pair_field and any(s.format == "txt" for s in shards):
+            raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
+        artifact = ensure_artifact(spec.compile, spec.cache_dir)
+        done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
+        todo = [s for s in shards if s.output_rel not in done_before]
+        report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
+        if report.skipped:
+            log.info("--resume: %d shard(s) already done, %d to go", len(report.skipped), len(todo))
+        try:
+            await _run(spec, artifact, storage, todo, report)
+        except asyncio.CancelledError:
+            if task := asyncio.current_task():
+                task.uncancel()  # handled here: the manifest still gets written
+            raise BatchJobError(
+                f"interrupted by a signal after {len(report.done)} shard(s); "
+                "run again with --resume to finish"
+            ) from None
+        finally:
+            report.seconds = time.monotonic() - started
+            await storage.write_manifest(spec.output, _manifest(spec, artifact, report))
+    return report
+
+
+async def _run(
+    spec: RunSpec, artifact: Artifact, storage: Storage, shards: list[ShardRef], report: Report
+) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -122,7 +143,7 @@ async def _run(spec: RunSpec, artifact: Artifact, shards: list[ShardRef], report
     pool = ReplicaPool(
         ArtifactLoader(artifact.path), placements, start_timeout=spec.replica_start_timeout
     )
-    job = _Job(spec, artifact, report, Progress(spec.progress, len(shards)))
+    job = _Job(spec, artifact, storage, report, Progress(spec.progress, len(shards)))
     try:
         async with pool:
             ready = time.monotonic()
@@ -130,29 +151,52 @@ async def _run(spec: RunSpec, artifact: Artifact, shards: list[ShardRef], report
             report.pipeline_seconds = time.monotonic() - ready
             report.replica_restarts = pool.restarts
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         job.progress.close()
         for state in job.open_shards:
             state.writer.abort()
+        if job.commits:  # interrupted: let the outputs already being published finish
+            _, late = await asyncio.wait(job.commits, timeout=COMMIT_GRACE_SECONDS)
+            for commit in late:  # while the S3 client is open, so multipart uploads abort
+                commit.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
 
 class _Job:
-    def __init__(self, spec: RunSpec, artifact: Artifact, report: Report, progress: Progress):
+    def __init__(
+        self,
+        spec: RunSpec,
+        artifact: Artifact,
+        storage: Storage,
+        report: Report,
+        progress: Progress,
+    ):
         self.spec = spec
         self.artifact = artifact
+        self.storage = storage
         self.report = report
         self.progress = progress
         self.schema = output_schema(artifact.task)
         self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
         self.tokenizer = RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
-        self.batcher = BucketBatcher(
-            artifact.shapes, sort_window=spec.sort_window, pad_id=self.tokenizer.pad_id
+        self.batcher = make_batcher(
+            artifact.strategy,
+            artifact.shapes,
+            max_segments=artifact.max_segments,
+            position_offset=artifact.position_offset,
+            sort_window=spec.sort_window,
+            pad_id=self.tokenizer.pad_id,
         )
         self.open_shards: list[ShardState] = []
+        self.commits: set[asyncio.Task[None]] = set()  # outputs being published
+        self._task_group: asyncio.TaskGroup | None = None
 
     async def pipeline(self, pool: ReplicaPool, shards: list[ShardRef]) -> None:
         chunks: asyncio.Queue[Any] = asyncio.Queue(CHUNKS_AHEAD)
         results: asyncio.Queue[Any] = asyncio.Queue(2 * pool.size + 2)
         async with asyncio.TaskGroup() as tg:
+            self._task_group = tg
             tg.create_task(self.read(shards, chunks))
             tg.create_task(self.dispatch(pool, chunks, results))
             tg.create_task(self.collect(results))
@@ -162,14 +206,18 @@ class _Job:
 
     async def read(self, shards: list[ShardRef], out: asyncio.Queue[Any]) -> None:
         """Each shard's records, tokenized, in chunks; then (state, None) when it is whole."""
-        for ref in shards:
-            path = os.path.join(self.spec.output, ref.output_rel)
-            state = ShardState(ref, ShardWriter(path, self.schema, f"{os.getpid()}"))
-            self.open_shards.append(state)
-            try:
-                with open_shard(ref) as stream:
+        async with self.storage.prefetch(shards, self.spec.max_shards_in_flight) as opened:
+            async for shard in opened:
+                ref = shard.ref
+                writer = await self.storage.writer(self.spec.output, ref.output_rel, self.schema)
+                state = ShardState(ref, writer)
+                self.open_shards.append(state)
+                try:
+                    if shard.error is not None:
+                        raise shard.error
+                    assert shard.stream is not None
                     reader = read_records(
-                        stream,
+                        shard.stream,
                         ref.format,
                         ref.rel,
                         self.fields,
@@ -179,10 +227,12 @@ class _Job:
                     while (records := await asyncio.to_thread(_next_chunk, reader)) is not None:
                         encoded = await asyncio.to_thread(self.tokenizer.encode, records)
                         await out.put((state, records, encoded))
-            except (BatchJobError, OSError, EOFError) as e:
-                await out.put((state, f"{type(e).__name__}: {e}", None))
-                continue
-            await out.put((state, None, None))
+                except (BatchJobError, OSError, EOFError) as e:
+                    await out.put((state, f"{type(e).__name__}: {e}", None))
+                    continue
+                finally:
+                    shard.close()
+                await out.put((state, None, None))
         await out.put(None)
 
     async def dispatch(
@@ -256,14 +306,32 @@ class _Job:
             state.truncated += sum(1 for r in rows if r[2])
             self.progress.add(documents=len(rows))
         if state.complete:
-            state.writer.commit()
             self.open_shards.remove(state)
-            self.report.done.append(state.ref.rel)
-            self.report.documents += state.written
-            self.report.errors += state.errors
-            self.report.truncated += state.truncated
-            self.progress.add(shards=1)
-            log.debug("shard done: %s (%d rows)", state.ref.rel, state.written)
+            assert self._task_group is not None
+            self._task_group.create_task(self.commit(state))
+
+    async def commit(self, state: ShardState) -> None:
+        # Shielded: a cancelled run still finishes publishing outputs it has fully computed
+        # (`_run` waits for `commits` a while), and an output is never half published.
+        task = asyncio.ensure_future(self.publish(state))
+        self.commits.add(task)
+        task.add_done_callback(self.commits.discard)
+        await asyncio.shield(task)
+
+    async def publish(self, state: ShardState) -> None:
+        try:
+            written = await state.writer.commit()
+        except (BatchJobError, OSError) as e:
+            self.record_failure(state, f"{type(e).__name__}: {e}")
+            return
+        if not written:
+            log.info("shard %s: its output exists already (another run wrote it)", state.ref.rel)
+        self.report.done.append(state.ref.rel)
+        self.report.documents += state.written
+        self.report.errors += state.errors
+        self.report.truncated += state.truncated
+        self.progress.add(shards=1)
+        log.debug("shard done: %s (%d rows)", state.ref.rel, state.written)
 
     def row_columns(self, rows: list[Row]) -> dict[str, list[Any]]:
         task_names = [f.name for f in self.schema][1:-2]
@@ -275,12 +343,15 @@ class _Job:
         return columns
 
     def fail_shard(self, state: ShardState, reason: str) -> None:
-        log.error("shard failed: %s: %s", state.ref.rel, reason)
-        state.failed = reason
         state.writer.abort()
         state.waiting.clear()
         state.ready.clear()
         self.open_shards.remove(state)
+        self.record_failure(state, reason)
+
+    def record_failure(self, state: ShardState, reason: str) -> None:
+        log.error("shard failed: %s: %s", state.ref.rel, reason)
+        state.failed = reason
         self.report.failed.append({"shard": state.ref.rel, "error": reason})
 
 
@@ -291,6 +362,7 @@ def _next_chunk(reader: Iterator[list[Record]]) -> list[Record] | None:
 def _manifest(spec: RunSpec, artifact: Artifact, report: Report) -> dict[str, Any]:
     return {
         "input": spec.input,
+        "input_manifest": spec.input_manifest,
         "output": spec.output,
         "model": artifact.source_model,
         "artifact": artifact.path,

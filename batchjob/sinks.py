@@ -1,8 +1,10 @@
 """Parquet output: the schema, and shard files that appear whole or not at all.
 
-A shard's rows are streamed into a temp file next to the target as they complete, in input
-order, then renamed: a killed run leaves no partial `.parquet`, and a file that exists
-means its shard is done.
+A shard's rows are streamed into a local temp file as they complete, in input order, then
+published in one step: renamed into place locally, or uploaded whole to S3 with
+`If-None-Match: *` (pyarrow's own S3 streams complete the upload even when the writer was
+interrupted, leaving a truncated but valid file). A killed run leaves no partial
+`.parquet`, and an output that exists means its shard is done.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any
+import tempfile
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchjob.s3 import S3, S3Url
 from batchjob.tasks import task_fields
 
 MANIFEST = "_manifest.json"
@@ -41,15 +45,27 @@ def output_rel(rel: str) -> str:
     return os.path.join(head, stem + ".parquet")
 
 
-class ShardWriter:
-    """Rows in input order → `<path>`, via `<path>.<unique>.tmp` and a rename on commit."""
+class OutputWriter(Protocol):
+    """One shard's output: rows in input order, then published whole or thrown away."""
 
-    def __init__(self, path: str, schema: pa.Schema, unique: str) -> None:
-        self.path = path
+    rows: int
+
+    def write(self, columns: dict[str, list[Any]]) -> None: ...
+
+    async def commit(self) -> bool:
+        """Publish the output: True; False when it already existed (another run wrote it)."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class _ParquetTemp:
+    """Rows → a Parquet file at `tmp`, row group by row group (memory stays bounded)."""
+
+    def __init__(self, tmp: str, schema: pa.Schema) -> None:
+        self.tmp = tmp
         self.schema = schema
-        self.tmp = f"{path}.{unique}{TMP_SUFFIX}"
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self._writer = pq.ParquetWriter(tmp, schema, compression="zstd")
         self.rows = 0
 
     def write(self, columns: dict[str, list[Any]]) -> None:
@@ -57,20 +73,57 @@ class ShardWriter:
         self._writer.write_table(table)
         self.rows += table.num_rows
 
-    def commit(self) -> None:
-        self._writer.close()
-        os.replace(self.tmp, self.path)
-
     def abort(self) -> None:
         self._writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 
 
+class ShardWriter(_ParquetTemp):
+    """Rows in input order → `<path>`, via `.<name>.<unique>.tmp` and a rename on commit.
+
+    The temp name starts with a dot, so dataset readers (pyarrow, Spark, Athena) skip it
+    while the job runs, and also when a killed run left it behind.
+    """
+
+    def __init__(self, path: str, schema: pa.Schema, unique: str) -> None:
+        self.path = path
+        head, name = os.path.split(path)
+        os.makedirs(head or ".", exist_ok=True)
+        super().__init__(os.path.join(head, f".{name}.{unique}{TMP_SUFFIX}"), schema)
+
+    async def commit(self) -> bool:
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+        return True
+
+
+class S3ShardWriter(_ParquetTemp):
+    """Rows in input order → a local temp file → one conditional upload to `url` on commit."""
+
+    def __init__(self, s3: S3, url: S3Url, schema: pa.Schema) -> None:
+        self.s3 = s3
+        self.url = url
+        fd, tmp = tempfile.mkstemp(prefix=f"batchjob-{os.getpid()}-", suffix=".parquet")
+        os.close(fd)
+        super().__init__(tmp, schema)
+
+    async def commit(self) -> bool:
+        self._writer.close()
+        try:
+            return await self.s3.put_file_once(self.tmp, self.url)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=2, default=str) + "\n").encode()
+
+
 def write_manifest(output: str, manifest: dict[str, Any]) -> None:
     path = os.path.join(output, MANIFEST)
     tmp = path + TMP_SUFFIX
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, default=str)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(manifest_bytes(manifest))
     os.replace(tmp, path)
