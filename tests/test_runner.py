@@ -49,24 +49,34 @@ def manifest(output: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("shapes", "replicas"),
+    ("shapes", "packing", "replicas"),
     [
-        ((Shape(16, 4), Shape(32, 2)), 1),
-        ((Shape(8, 3), Shape(16, 5), Shape(24, 1), Shape(32, 7)), 2),
-        ((Shape(32, 6),), 2),
+        ((Shape(16, 4), Shape(32, 2)), False, 1),
+        ((Shape(8, 3), Shape(16, 5), Shape(24, 1), Shape(32, 7)), False, 2),
+        ((Shape(32, 6),), False, 2),
+        ((Shape(32, 3),), True, 1),
+        ((Shape(32, 5),), True, 2),
     ],
-    ids=["2-buckets-1-replica", "4-buckets-2-replicas", "single-shape-2-replicas"],
+    ids=[
+        "2-buckets-1-replica",
+        "4-buckets-2-replicas",
+        "single-shape-2-replicas",
+        "packed-1-replica",
+        "packed-2-replicas",
+    ],
 )
 def test_classification_equals_pipeline(
     classifier_dir: Path,
     compiled: CompileFn,
     tmp_path: Path,
     shapes: tuple[Shape, ...],
+    packing: bool,
     replicas: int,
 ) -> None:
     from transformers import pipeline
 
-    artifact = compiled(classifier_dir, shapes)
+    artifact = compiled(classifier_dir, shapes, packing=packing)
+    assert artifact.strategy == ("packing" if packing else "buckets")
     texts = make_texts(120, seed=len(shapes))
     write_jsonl(
         tmp_path / "in" / "part.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)]
@@ -89,12 +99,14 @@ def test_classification_equals_pipeline(
         )
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["buckets", "packed"])
 def test_text_pairs_equal_pipeline(
-    classifier_dir: Path, compiled: CompileFn, tmp_path: Path
+    classifier_dir: Path, compiled: CompileFn, tmp_path: Path, packing: bool
 ) -> None:
     from transformers import pipeline
 
-    artifact = compiled(classifier_dir)
+    shapes = (Shape(32, 4),) if packing else (Shape(16, 4), Shape(32, 2))
+    artifact = compiled(classifier_dir, shapes, packing=packing)
     firsts, seconds = make_texts(30, seed=5), make_texts(30, seed=6)
     write_jsonl(
         tmp_path / "in" / "pairs.jsonl",
@@ -118,12 +130,14 @@ def test_text_pairs_equal_pipeline(
         assert row["score"] == pytest.approx(want["score"], abs=1e-4)
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["buckets", "packed"])
 def test_embeddings_equal_sentence_transformers(
-    embedder_dir: Path, compiled: CompileFn, tmp_path: Path
+    embedder_dir: Path, compiled: CompileFn, tmp_path: Path, packing: bool
 ) -> None:
     from sentence_transformers import SentenceTransformer
 
-    artifact = compiled(embedder_dir, (Shape(8, 4), Shape(16, 3), Shape(32, 2)))
+    shapes = (Shape(32, 3),) if packing else (Shape(8, 4), Shape(16, 3), Shape(32, 2))
+    artifact = compiled(embedder_dir, shapes, packing=packing)
     texts = make_texts(80, seed=3)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "docs.txt").write_text("\n".join(texts) + "\n")
