@@ -307,4 +307,6 @@ def make_batcher(
             sort_window=sort_window,
             pad_id=pad_id,
         )
-    return BucketBatcher(shapes, sort_window=sort_window, pad_id=pad_id)
+    if strategy == "buckets":
+        return BucketBatcher(shapes, sort_window=sort_window, pad_id=pad_id)
+    raise ValueError(f"unknown batching strategy {strategy!r}: expected buckets or packing")

@@ -16,7 +16,17 @@ from batchjob.config import CompileSpec, RunSpec, load_job_file, parse_buckets, 
 from batchjob.errors import BatchJobError, UsageError
 
 SHAPE_FIELDS = ("batch_size", "sequence_length", "buckets", "max_batch_tokens")
-COMPILE_FIELDS = ("task", "backend", "dtype", "compiler_args", "pooling", "normalize")
+COMPILE_FIELDS = (
+    "task",
+    "backend",
+    "dtype",
+    "compiler_args",
+    "pooling",
+    "normalize",
+    "packing",
+    "max_segments",
+    "calibrate",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +35,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        return parse_buckets(text)
+    except UsageError as e:  # argparse reports ArgumentTypeError on its one line
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise argparse.ArgumentTypeError(f"must be DEBUG, INFO, WARNING or ERROR, got {text!r}")
+    return text.upper()
+
+
+def _integer(text: str) -> int:
     try:
         return int(text)
     except ValueError:
@@ -38,11 +61,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=S, help="text-classification or feature-extraction")
     p.add_argument("--backend", default=S, help="cpu (default), neuron (Inf1), neuronx (Inf2/Trn1)")
     p.add_argument("--dtype", default=S, help="auto (default: bf16 where native), fp32, bf16")
-    p.add_argument("--batch-size", type=_positive_int, default=S, help="rows per batch (6)")
-    p.add_argument("--sequence-length", type=_positive_int, default=S, help="tokens per row (128)")
-    p.add_argument("--buckets", type=parse_buckets, default=S, help="lengths, e.g. 16,32,64,128")
+    p.add_argument("--batch-size", type=_integer, default=S, help="rows per batch (6)")
+    p.add_argument("--sequence-length", type=_integer, default=S, help="tokens per row (128)")
+    p.add_argument("--buckets", type=_buckets, default=S, help="lengths, e.g. 16,32,64,128")
     p.add_argument(
-        "--max-batch-tokens", type=_positive_int, default=S, help="batch size = this // bucket"
+        "--max-batch-tokens", type=_integer, default=S, help="batch size = this // bucket"
     )
     p.add_argument("--compiler-args", default=S, help="passed to the Neuron compiler, quoted")
     p.add_argument("--pooling", default=S, help="feature-extraction: auto, mean, cls, max")
@@ -53,11 +76,21 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         default=S,
         help="feature-extraction: don't L2-normalise embeddings",
     )
+    p.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="several documents per row (default where the model family allows it)",
+    )
+    p.add_argument("--max-segments", type=_integer, default=S, help="packing: documents per row")
+    p.add_argument(
+        "--calibrate", default=S, help="packing: a sample of the input to choose the shape from"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchjob", description="Batch inference for Hugging Face encoders.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default="INFO", type=_log_level, help="DEBUG, INFO...")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     S = argparse.SUPPRESS
 
@@ -65,23 +98,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--output", required=True, help="artifact directory to create")
 
-    p = commands.add_parser("run", help="run a model over local shards, write Parquet")
+    p = commands.add_parser("run", help="run a model over shards (local or S3), write Parquet")
     p.add_argument("--job", default=S, help="YAML job file with the same fields; flags override")
     _add_model_options(p)
-    p.add_argument("--input", default=S, help="a shard file or a directory of shards")
-    p.add_argument("--output", default=S, help="directory for <rel>.parquet and _manifest.json")
+    p.add_argument("--input", default=S, help="a shard or a directory of shards, or s3://b/p/")
+    p.add_argument("--input-manifest", default=S, help="instead of --input: a list of shards")
+    p.add_argument("--max-shards-in-flight", type=_integer, default=S, help="open at once (8)")
+    p.add_argument("--output", default=S, help="directory or s3:// prefix for the outputs")
     p.add_argument("--format", default=S, help="auto (by extension), jsonl, csv, parquet, txt")
     p.add_argument("--text-field", default=S, help="field holding the text (text)")
     p.add_argument("--text-pair-field", default=S, help="field holding the second text of a pair")
     p.add_argument("--id-field", default=S, help="field holding the record id (id)")
     p.add_argument("--resume", action="store_true", default=S, help="skip shards already done")
-    p.add_argument("--replicas", type=_positive_int, default=S, help="default: one per core")
-    p.add_argument("--cores-per-replica", type=_positive_int, default=S, help="default 1")
-    p.add_argument("--sort-window", type=_positive_int, default=S, help="records (4096)")
-    p.add_argument("--chunk-size", type=_positive_int, default=S, help="records read at a time")
+    p.add_argument("--replicas", type=_integer, default=S, help="default: one per core")
+    p.add_argument("--cores-per-replica", type=_integer, default=S, help="default 1")
+    p.add_argument("--sort-window", type=_integer, default=S, help="records (4096)")
+    p.add_argument("--chunk-size", type=_integer, default=S, help="records read at a time")
     p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
     p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
     p.add_argument("--progress", default=S, help="auto, bar, log, none")
+
+    p = commands.add_parser("serve", help="the SageMaker Batch Transform container (HTTP)")
+    _add_model_options(p)  # --model defaults to /opt/ml/model; see serve_config.py for env
+    p.add_argument("--host", default=S, help="address to listen on (0.0.0.0)")
+    p.add_argument("--port", type=_integer, default=S, help="SAGEMAKER_BIND_TO_PORT or 8080")
+    p.add_argument("--replicas", type=_integer, default=S, help="default: one per core")
+    p.add_argument("--cores-per-replica", type=_integer, default=S, help="default 1")
+    p.add_argument("--max-batch-delay-ms", type=float, default=S, help="partial batch wait (5)")
+    p.add_argument("--text-field", default=S, help="jsonlines/csv field with the text (inputs)")
+    p.add_argument("--drain-seconds", type=float, default=S, help="on SIGTERM (25)")
+    p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
+    p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
     return parser
 
 
@@ -91,7 +138,8 @@ def compile_spec(fields: dict[str, Any]) -> CompileSpec:
         fields["buckets"] = parse_buckets(str(buckets))
     elif isinstance(buckets, list):
         fields["buckets"] = parse_buckets(",".join(map(str, buckets)))
-    shapes = resolve_shapes(*(fields.get(name) for name in SHAPE_FIELDS))
+    given = [fields.get(name) for name in SHAPE_FIELDS]
+    shapes = resolve_shapes(*given) if any(v is not None for v in given) else ()
     options = {k: fields[k] for k in COMPILE_FIELDS if k in fields}
     if isinstance(options.get("compiler_args"), str):
         options["compiler_args"] = shlex.split(options["compiler_args"])
@@ -114,7 +162,7 @@ def run_spec(fields: dict[str, Any]) -> RunSpec:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -132,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             if "job" in fields:
                 fields = {**load_job_file(fields["job"]), **fields}
             return run(run_spec(fields))
+        if args.command == "serve":
+            import os
+
+            from batchjob.serve_config import serve_spec
+            from batchjob.serving import serve
+
+            return serve(serve_spec(fields, os.environ))
     except UsageError as e:
         print(f"batchjob {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,305 @@
+"""The dynamic-batching inference engine: records in, results out, shared by many callers.
+
+`serve` (one call per HTTP request) and the SQS worker (one per message) hand it records;
+the records of concurrent calls share the fixed-shape batches:
+
+    infer() ─► tokenize (thread) ─► batcher ─► bounded queue ─► dispatcher ─► replica pool
+                                       ▲                                        │
+                        flusher: partial batches once the oldest            results ─► futures
+                        item waited max_batch_delay and a replica starves
+
+Full batches go out at once. A partial batch goes out once its oldest item has waited
+`max_batch_delay` *and* a replica would otherwise have nothing to run (nothing queued, fewer
+batches in flight than replicas): while every replica is busy, waiting longer costs no
+latency and lets the batch fill (the batcher's sort window still bounds how long an item
+can wait under sustained load). Backpressure comes from the pool: the dispatcher awaits
+`submit`, the queue fills, and `infer` waits to add more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+import numpy as np
+
+from batchjob.artifact import Artifact
+from batchjob.batching import Batch, Batcher, Item, make_batcher
+from batchjob.errors import BatchJobError, ReplicaError, UsageError
+from batchjob.records import Record
+from batchjob.tasks import task_columns
+from batchjob.tokens import RecordTokenizer
+
+log = logging.getLogger("batchjob.engine")
+
+DEFAULT_MAX_BATCH_DELAY = 0.005  # seconds
+# Items added to the batcher per step: building a batch's arrays is Python work on the event
+# loop, so a large request is added in slices and the loop answers /ping in between.
+ADD_SLICE = 256
+
+
+class EngineClosedError(BatchJobError):
+    """The engine is closing or closed: it takes no more records."""
+
+
+class Submitter(Protocol):
+    """What the engine needs of a replica pool (ReplicaPool is one)."""
+
+    @property
+    def size(self) -> int: ...
+
+    async def submit(self, arrays: dict[str, np.ndarray]) -> asyncio.Future[np.ndarray]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One record's outcome: the task's values (as `tasks.task_columns` names them), or error."""
+
+    values: dict[str, Any] | None
+    truncated: bool = False
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    records: int = 0  # records inferred (error records not counted)
+    batches: int = 0
+    partial_flushes: int = 0  # flushes of partial batches by the delay
+    real_tokens: int = 0
+    compiled_tokens: int = 0
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """One record on its way through the batcher: its key there, hashed by identity."""
+
+    future: asyncio.Future[Result]
+    truncated: bool
+    since: float = field(default_factory=time.monotonic)
+
+
+def engine_batcher(artifact: Artifact, pad_id: int, sort_window: int = 4096) -> Batcher:
+    """The batching strategy the artifact's graphs expect (buckets, or sequence packing)."""
+    return make_batcher(
+        artifact.strategy,
+        artifact.shapes,
+        max_segments=artifact.max_segments,
+        position_offset=artifact.position_offset,
+        sort_window=sort_window,
+        pad_id=pad_id,
+    )
+
+
+class Engine:
+    """Batches the records of concurrent `infer` calls into the artifact's compiled shapes."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        pool: Submitter,
+        *,
+        max_batch_delay: float = DEFAULT_MAX_BATCH_DELAY,
+        sort_window: int = 4096,
+        tokenizer: RecordTokenizer | None = None,
+    ) -> None:
+        if not max_batch_delay >= 0:
+            raise UsageError(f"max_batch_delay must be ≥ 0 seconds, got {max_batch_delay}")
+        self.artifact, self.pool, self.max_batch_delay = artifact, pool, max_batch_delay
+        self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
+        self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
+        self.stats = EngineStats()
+        # Items in the batcher, oldest first: the flusher's clock.
+        self._waiting: collections.OrderedDict[_Waiting, None] = collections.OrderedDict()
+        self._batches: asyncio.Queue[Batch] = asyncio.Queue(2 * pool.size)
+        self._submitting = False
+        self._in_flight = 0  # batches the pool took and has not answered yet
+        self._changed = asyncio.Event()  # items added, the dispatcher or a replica freed up
+        self._idle = asyncio.Event()  # no infer() call in progress
+        self._idle.set()
+        self._active = 0
+        self._closing = False
+        self._broken: BaseException | None = None  # a background task died: a bug
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._tasks:
+            raise RuntimeError("Engine.start() called twice")
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="batchjob-engine-dispatch"),
+            asyncio.create_task(self._flush_loop(), name="batchjob-engine-flush"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # The loops only end by cancellation; anything else would leave callers waiting forever.
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.error("engine task %s died: %r", task.get_name(), error, exc_info=error)
+        self._broken = error
+        for waiting in self._waiting:
+            if not waiting.future.done():
+                waiting.future.set_exception(BatchJobError(f"engine failed: {error!r}"))
+
+    async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Take no new calls; let calls in progress finish by `timeout`; then stop."""
+        self._closing = True
+        self._changed.set()  # the flusher sends what is left without waiting
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # What calls still in progress wait for (if the timeout passed) will not come.
+        closed = EngineClosedError(f"engine closed after {timeout:g} s")
+        while not self._batches.empty():
+            self._fail(self._batches.get_nowait(), closed)
+        for waiting in self._waiting:
+            if not waiting.future.done():
+                waiting.future.set_exception(closed)
+        self._waiting.clear()
+
+    async def infer(self, records: Sequence[Record]) -> list[Result]:
+        """One result per record, in order. Error records come back as they are."""
+        if self._closing:
+            raise EngineClosedError("the engine is shutting down: it takes no new records")
+        if self._broken is not None:
+            raise BatchJobError(f"engine failed: {self._broken!r}")
+        if not self._tasks:
+            raise RuntimeError("Engine.infer() before start()")
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._infer(list(records))
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _infer(self, records: list[Record]) -> list[Result]:
+        if not any(r.error is None for r in records):
+            return [Result(None, error=r.error) for r in records]
+        encoded = await asyncio.to_thread(self.tokenizer.encode, records)
+        loop = asyncio.get_running_loop()
+        out: list[Result | asyncio.Future[Result]] = []
+        items = []
+        for record, enc in zip(records, encoded, strict=True):
+            if enc is None:
+                out.append(Result(None, error=record.error))
+                continue
+            waiting = _Waiting(loop.create_future(), enc.truncated)
+            out.append(waiting.future)
+            items.append(Item(waiting, enc.ids, enc.type_ids))
+        self.stats.records += len(items)
+        for start in range(0, len(items), ADD_SLICE):
+            part = items[start : start + ADD_SLICE]
+            for item in part:
+                self._waiting[cast(_Waiting, item.key)] = None
+            for batch in self.batcher.add(part):
+                await self._enqueue(batch)
+            self._changed.set()
+            await asyncio.sleep(0)  # let /ping and other requests in between slices
+        futures = [r for r in out if isinstance(r, asyncio.Future)]
+        done = await asyncio.gather(*futures, return_exceptions=True)
+        if errors := [e for e in done if isinstance(e, BaseException)]:
+            raise errors[0]
+        results = iter(cast(list[Result], done))
+        return [r if isinstance(r, Result) else next(results) for r in out]
+
+    async def _enqueue(self, batch: Batch) -> None:
+        for key in batch.keys:
+            if key is not None:
+                self._waiting.pop(cast(_Waiting, key), None)
+        self.stats.batches += 1
+        self.stats.real_tokens += batch.real_tokens
+        self.stats.compiled_tokens += batch.shape.seq_len * batch.shape.batch_size
+        await self._batches.put(batch)
+
+    def _pool_idle(self) -> bool:
+        """Nothing queued for the pool, and a replica without a batch: it is about to starve.
+        (The pool keeps two batches per replica; flushing into the second slot would only
+        make the batch wait, unfilled, behind the first.)"""
+        return self._batches.empty() and not self._submitting and self._in_flight < self.pool.size
+
+    async def _flush_loop(self) -> None:
+        while True:
+            self._changed.clear()
+            timeout = None
+            if self._waiting:
+                oldest = next(iter(self._waiting)).since
+                due = oldest + (0.0 if self._closing else self.max_batch_delay)
+                now = time.monotonic()
+                if now >= due and self._pool_idle():
+                    self.stats.partial_flushes += 1
+                    for batch in self.batcher.flush():
+                        await self._enqueue(batch)
+                    continue
+                if now < due:
+                    timeout = due - now
+            # Woken by new items, the dispatcher freeing up, or the oldest item falling due.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def _dispatch(self) -> None:
+        while True:
+            batch = await self._batches.get()
+            self._submitting = True
+            try:
+                future = await self.pool.submit(batch.arrays)
+            except asyncio.CancelledError:  # close() gave up waiting: no caller may hang
+                self._fail(batch, EngineClosedError("engine closed before this batch ran"))
+                raise
+            except Exception as e:  # the pool failed or is closing: fail this batch, go on
+                self._fail(batch, e)
+                continue
+            finally:
+                self._submitting = False
+                self._changed.set()
+            self._in_flight += 1
+            future.add_done_callback(functools.partial(self._deliver, batch))
+
+    def _deliver(self, batch: Batch, future: asyncio.Future[np.ndarray]) -> None:
+        self._in_flight -= 1
+        self._changed.set()
+        if future.cancelled():
+            self._fail(batch, ReplicaError("the replica pool dropped this batch"))
+            return
+        if (error := future.exception()) is not None:
+            self._fail(batch, error)
+            return
+        try:
+            outputs = future.result()
+            rows = np.flatnonzero(batch.valid)
+            columns = task_columns(self.artifact, outputs[rows])
+        except Exception as e:  # a callback's exception would only be logged: callers would hang
+            shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
+            self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))
+            return
+        for j, row in enumerate(rows):
+            waiting = cast(_Waiting, batch.keys[row])
+            if not waiting.future.done():  # else its caller went away
+                values = {name: column[j] for name, column in columns.items()}
+                waiting.future.set_result(Result(values, waiting.truncated))
+
+    @staticmethod
+    def _fail(batch: Batch, error: BaseException) -> None:
+        for key in batch.keys:
+            waiting = cast(_Waiting | None, key)
+            if waiting is not None and not waiting.future.done():
+                waiting.future.set_exception(error)

@@ -1,0 +1,214 @@
+"""`batchjob serve`'s spec: flags first, then the environment that SageMaker and the Hugging
+Face inference toolkit define, read once here at start-up.
+
+| setting       | flag                         | environment, where no flag                   |
+|---------------|------------------------------|----------------------------------------------|
+| port          | --port                       | SAGEMAKER_BIND_TO_PORT, else 8080            |
+| payload limit | —                            | SAGEMAKER_MAX_PAYLOAD_IN_MB, else 6          |
+| model         | --model                      | /opt/ml/model; HF_MODEL_ID when it is empty  |
+| task          | --task                       | HF_TASK                                      |
+| shapes        | --batch-size, --buckets, ... | config.json's `neuron` section, else         |
+|               |                              | HF_OPTIMUM_BATCH_SIZE, _SEQUENCE_LENGTH      |
+| backend       | --backend                    | BATCHJOB_BACKEND (the neuronx image sets it) |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from batchjob.config import CompileSpec, default_cache_dir
+from batchjob.errors import UsageError
+
+DEFAULT_MODEL_DIR = "/opt/ml/model"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_PAYLOAD_MB = 6
+MAX_PAYLOAD_MB_LIMIT = 100  # SageMaker's own ceiling for MaxPayloadInMB
+SHAPE_FLAGS = ("batch_size", "sequence_length", "buckets", "max_batch_tokens")
+# HF_TASK values of the toolkit (and transformers' aliases) → batchjob's tasks.
+HF_TASKS = {
+    "text-classification": "text-classification",
+    "sentiment-analysis": "text-classification",
+    "feature-extraction": "feature-extraction",
+    "sentence-embeddings": "feature-extraction",
+}
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    compile: CompileSpec
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT  # 0: any free port (tests)
+    replicas: int | None = None
+    cores_per_replica: int = 1
+    max_batch_delay_ms: float = 5.0
+    max_payload_mb: int = DEFAULT_MAX_PAYLOAD_MB
+    text_field: str = "inputs"
+    drain_seconds: float = 25.0  # SIGTERM → exit: below the 30 s Kubernetes and ECS defaults
+    replica_start_timeout: float = 300.0
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
+        _require(
+            self.replicas is None or self.replicas >= 1,
+            f"--replicas must be ≥ 1, got {self.replicas}",
+        )
+        _require(
+            self.cores_per_replica >= 1,
+            f"--cores-per-replica must be ≥ 1, got {self.cores_per_replica}",
+        )
+        _require(
+            0 <= self.max_batch_delay_ms <= 10_000,
+            f"--max-batch-delay-ms must be 0..10000, got {self.max_batch_delay_ms:g}",
+        )
+        _require(
+            1 <= self.max_payload_mb <= MAX_PAYLOAD_MB_LIMIT,
+            f"SAGEMAKER_MAX_PAYLOAD_IN_MB must be 1..{MAX_PAYLOAD_MB_LIMIT}, "
+            f"got {self.max_payload_mb}",
+        )
+        _require(bool(self.text_field), "--text-field must not be empty")
+        _require(self.drain_seconds >= 0, f"--drain-seconds must be ≥ 0, got {self.drain_seconds}")
+        _require(
+            self.replica_start_timeout > 0,
+            f"--replica-start-timeout must be > 0, got {self.replica_start_timeout}",
+        )
+        if not self.cache_dir:
+            object.__setattr__(self, "cache_dir", default_cache_dir())
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self.max_payload_mb << 20
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    text = environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{name} must be an integer, got {text!r}") from None
+
+
+def _has_files(path: str) -> bool:
+    return os.path.isdir(path) and any(not n.startswith(".") for n in os.listdir(path))
+
+
+def _model(fields: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+    if fields.get("model"):
+        return str(fields["model"])
+    if _has_files(DEFAULT_MODEL_DIR):
+        return DEFAULT_MODEL_DIR
+    if hub_id := environ.get("HF_MODEL_ID", "").strip():
+        return hub_id
+    raise UsageError(
+        f"no model: {DEFAULT_MODEL_DIR} is empty or missing and HF_MODEL_ID is not set; "
+        "pass --model ARTIFACT_OR_MODEL"
+    )
+
+
+def _task(fields: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    if fields.get("task"):
+        return str(fields["task"])
+    hf_task = environ.get("HF_TASK", "").strip()
+    if not hf_task:
+        return None
+    if hf_task not in HF_TASKS:
+        raise UsageError(
+            f"HF_TASK must be one of {', '.join(HF_TASKS)} for batchjob, got {hf_task!r}"
+        )
+    return HF_TASKS[hf_task]
+
+
+def neuron_shape(model: str) -> tuple[int | None, int | None]:
+    """(static_batch_size, static_sequence_length) from config.json's `neuron` section."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not a readable model config: {e}") from None
+    neuron = config.get("neuron") if isinstance(config, dict) else None
+    if not isinstance(neuron, dict):
+        return None, None
+    found = []
+    for key in ("static_batch_size", "static_sequence_length"):
+        value = neuron.get(key)
+        _require(
+            value is None or (isinstance(value, int) and value >= 1),
+            f"{path}: neuron.{key} must be an integer ≥ 1, got {value!r}",
+        )
+        found.append(value)
+    return found[0], found[1]
+
+
+def _shapes(fields: dict[str, Any], model: str, environ: Mapping[str, str]) -> None:
+    """Fill the shape fields from the environment where no shape flag was given."""
+    if any(name in fields for name in SHAPE_FLAGS):
+        return
+    # A model compiled by optimum-neuron has these in its config; the toolkit prefers them.
+    batch, length = neuron_shape(model)
+    if batch is None and length is None:
+        batch = _env_int(environ, "HF_OPTIMUM_BATCH_SIZE")
+        length = _env_int(environ, "HF_OPTIMUM_SEQUENCE_LENGTH")
+        for name, value in (
+            ("HF_OPTIMUM_BATCH_SIZE", batch),
+            ("HF_OPTIMUM_SEQUENCE_LENGTH", length),
+        ):
+            _require(value is None or value >= 1, f"{name} must be ≥ 1, got {value}")
+    if batch is not None:
+        fields["batch_size"] = batch
+    if length is not None:
+        fields["sequence_length"] = length
+
+
+def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpec:
+    """The spec from parsed flags (absent ones missing) and the process environment."""
+    from batchjob.cli import compile_spec
+
+    fields = dict(flags)
+    fields["model"] = _model(fields, environ)
+    if task := _task(fields, environ):
+        fields["task"] = task
+    if "backend" not in fields and (backend := environ.get("BATCHJOB_BACKEND", "").strip()):
+        fields["backend"] = backend
+    _shapes(fields, fields["model"], environ)
+    port = fields.get("port")
+    if port is None:
+        port = _env_int(environ, "SAGEMAKER_BIND_TO_PORT")
+        _require(
+            port is None or 1 <= port <= 65535,
+            f"SAGEMAKER_BIND_TO_PORT must be 1..65535, got {port}",
+        )
+    payload = _env_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB")
+    options = {
+        name: fields[name]
+        for name in (
+            "host",
+            "replicas",
+            "cores_per_replica",
+            "max_batch_delay_ms",
+            "text_field",
+            "drain_seconds",
+            "replica_start_timeout",
+            "cache_dir",
+        )
+        if name in fields
+    }
+    return ServeSpec(
+        compile=compile_spec(fields),
+        port=DEFAULT_PORT if port is None else port,
+        max_payload_mb=DEFAULT_MAX_PAYLOAD_MB if payload is None else payload,
+        **options,
+    )

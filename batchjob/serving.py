@@ -1,0 +1,233 @@
+"""`batchjob serve`: the SageMaker Batch Transform container contract, over aiohttp.
+
+- `GET /ping`: 200 with an empty body once the replicas are ready, 503 before (and while
+  draining). The event loop that answers it never runs inference (replica processes) or
+  tokenization and request parsing (threads), so it answers at once however busy they are.
+- `POST /invocations`: records in, one result per record out, in order (serve_formats.py).
+  The records of concurrent requests share the fixed-shape batches through one `Engine`.
+- `GET /execution-parameters`: the concurrency and payload size Batch Transform should use.
+- SIGTERM (or SIGINT): stop listening, let requests in progress finish (up to
+  `drain_seconds`), stop the replicas, exit 0.
+
+The server listens before the model is ready, so that /ping can say 503 while a plain
+model compiles and the replicas load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from batchjob.artifact import Artifact, ArtifactLoader
+from batchjob.engine import Engine, EngineClosedError
+from batchjob.errors import BatchJobError, UsageError
+from batchjob.replica_process import plan_placements
+from batchjob.replicas import ReplicaPool
+from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
+from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
+from batchjob.tokens import RecordTokenizer
+
+log = logging.getLogger("batchjob.serve")
+
+# Two requests per replica keep each replica's two in-flight batch slots filled even when
+# mini-batches are small, and let one request be parsed and tokenized while another runs.
+REQUESTS_PER_REPLICA = 2
+
+
+@dataclass
+class _State:
+    spec: ServeSpec
+    artifact: Artifact | None = None
+    replicas: int | None = None  # known once the artifact is
+    engine: Engine | None = None  # set once the replicas are ready
+    draining: bool = False
+
+
+def max_concurrent_transforms(replicas: int, max_payload_mb: int) -> int:
+    # SageMaker refuses MaxConcurrentTransforms × MaxPayloadInMB over 100 MB.
+    return max(1, min(REQUESTS_PER_REPLICA * replicas, MAX_PAYLOAD_MB_LIMIT // max_payload_mb))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def build_app(state: _State) -> web.Application:
+    spec = state.spec
+    # aiohttp refuses a larger body itself (HTTPRequestEntityTooLarge) when reading it.
+    app = web.Application(client_max_size=spec.max_payload_bytes)
+
+    async def ping(request: web.Request) -> web.Response:
+        return web.Response(status=200 if state.engine and not state.draining else 503)
+
+    async def execution_parameters(request: web.Request) -> web.Response:
+        if state.replicas is None:
+            return _error(503, "not ready: the model is still being loaded")
+        return web.json_response(
+            {
+                "MaxConcurrentTransforms": max_concurrent_transforms(
+                    state.replicas, spec.max_payload_mb
+                ),
+                "BatchStrategy": "MULTI_RECORD",
+                "MaxPayloadInMB": spec.max_payload_mb,
+            }
+        )
+
+    async def invocations(request: web.Request) -> web.Response:
+        started = time.monotonic()
+        engine, artifact = state.engine, state.artifact
+        if engine is None or artifact is None or state.draining:
+            why = "shutting down" if state.draining else "the model replicas are starting"
+            return _error(503, f"not ready: {why}")
+        try:
+            kind = request_type(request.content_type)
+            answer_kind = response_type(request.headers.get("Accept"), kind)
+            body = await _read_body(request, spec)
+            parsed = await asyncio.to_thread(parse, kind, body, spec.text_field, artifact.task)
+            results = await engine.infer(parsed.records)
+            payload = await asyncio.to_thread(
+                encode, answer_kind, parsed, results, artifact.task, artifact.labels
+            )
+        except RequestError as e:
+            log.warning("%.3fs POST /invocations %d: %s", time.monotonic() - started, e.status, e)
+            return _error(e.status, str(e))
+        except EngineClosedError as e:
+            log.warning("%.3fs POST /invocations 503: %s", time.monotonic() - started, e)
+            return _error(503, str(e))
+        except BatchJobError as e:  # a replica failed: retryable (InvocationsMaxRetries)
+            log.error("%.3fs POST /invocations 500: %s", time.monotonic() - started, e)
+            return _error(500, str(e))
+        errors = sum(r.error is not None for r in results)
+        truncated = sum(r.truncated for r in results)
+        log.info(
+            "%.3fs POST /invocations 200: %d records, %d errors, %d truncated, %d bytes in (%s), "
+            "%d out (%s)",
+            time.monotonic() - started, len(results), errors, truncated, len(body), kind,
+            len(payload), answer_kind,
+        )  # fmt: skip
+        return web.Response(body=payload, content_type=answer_kind)
+
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/execution-parameters", execution_parameters)
+    app.router.add_post("/invocations", invocations)
+    return app
+
+
+async def _read_body(request: web.Request, spec: ServeSpec) -> bytes:
+    limit = spec.max_payload_bytes
+    too_large = (
+        f"over the {spec.max_payload_mb} MB payload limit (SAGEMAKER_MAX_PAYLOAD_IN_MB, "
+        f"MaxPayloadInMB): send fewer records per request"
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestError(f"request body of {request.content_length} bytes is {too_large}", 413)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestError(f"request body is {too_large}", 413) from None
+
+
+def serve(spec: ServeSpec) -> int:
+    """Serve until SIGTERM or SIGINT; 0 after a clean drain. UsageError: bad model or task."""
+    return asyncio.run(_serve(spec))
+
+
+async def _serve(spec: ServeSpec) -> int:
+    started = time.monotonic()
+    state = _State(spec)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(
+        build_app(state), handle_signals=False, access_log=None, shutdown_timeout=spec.drain_seconds
+    )
+    await runner.setup()
+    cleaned = False
+    try:
+        site = web.TCPSite(runner, spec.host, spec.port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise UsageError(f"can't listen on {spec.host}:{spec.port}: {e.strerror}") from None
+        host, port = runner.addresses[0][:2]
+        log.info(
+            "listening on http://%s:%d (/ping is 503 until the replicas are ready)", host, port
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            starting = asyncio.create_task(_start(state, stack))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                log.info("stopped by a signal while starting")
+                return 0
+            if starting.exception() is not None:
+                stopping.cancel()
+                starting.result()  # start-up errors propagate from here
+            log.info("%.1fs ready: %d replicas", time.monotonic() - started, state.replicas or 0)
+            await stopping
+            state.draining = True
+            drain = time.monotonic()
+            log.info("signal: draining, up to %g s for requests in progress", spec.drain_seconds)
+            # Stops listening, then waits for the handlers in progress (up to shutdown_timeout).
+            await runner.cleanup()
+            cleaned = True
+            stats = state.engine.stats if state.engine else None
+            if stats is not None and stats.compiled_tokens:
+                log.info(
+                    "%.1fs drained; stopping the replicas (%d records in %d batches, "
+                    "%.0f%% of compiled tokens real)",
+                    time.monotonic() - drain, stats.records, stats.batches,
+                    100 * stats.real_tokens / stats.compiled_tokens,
+                )  # fmt: skip
+            else:
+                log.info("%.1fs drained; stopping the replicas", time.monotonic() - drain)
+        return 0
+    finally:
+        if not cleaned:
+            await runner.cleanup()
+
+
+async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
+    # Imported here, not at the top: torch takes seconds to import, and /ping should answer
+    # (503) from the first moment.
+    from batchjob.backends import get_backend
+    from batchjob.compile import ensure_artifact
+
+    spec = state.spec
+    # In a thread: compiling a plain model takes a while, and /ping must answer meanwhile.
+    artifact = await asyncio.to_thread(ensure_artifact, spec.compile, spec.cache_dir)
+    if spec.compile.task is not None and artifact.task != spec.compile.task:
+        raise UsageError(
+            f"--task (or HF_TASK) is {spec.compile.task} but the artifact {artifact.path} "
+            f"was compiled for {artifact.task}"
+        )
+    device = get_backend(artifact.backend).device
+    placements = plan_placements(spec.replicas, spec.cores_per_replica, device)
+    state.artifact, state.replicas = artifact, len(placements)
+    # The tokenizer loads in a thread while the replicas load the model.
+    tokenizer = asyncio.create_task(
+        asyncio.to_thread(RecordTokenizer, artifact.tokenizer_path, artifact.max_length)
+    )
+    pool = ReplicaPool(
+        ArtifactLoader(artifact.path), placements, start_timeout=spec.replica_start_timeout
+    )
+    try:
+        await stack.enter_async_context(pool)
+    finally:
+        if not tokenizer.done():
+            await asyncio.wait([tokenizer])
+    engine = Engine(
+        artifact, pool, max_batch_delay=spec.max_batch_delay_ms / 1000, tokenizer=tokenizer.result()
+    )
+    await stack.enter_async_context(engine)
+    state.engine = engine
