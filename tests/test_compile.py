@@ -673,7 +673,7 @@ def test_neuron_without_sdk(
         )
     message = str(info.value)
     assert message.startswith(f"--backend {backend} needs the {module} package")
-    assert "Neuron image" in message
+    assert "AWS Neuron machine" in message
     assert "--backend cpu" in message
     assert "\n" not in message
     assert not out.exists()

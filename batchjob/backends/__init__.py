@@ -46,5 +46,6 @@ def import_sdk(module: str, backend: str) -> object:
     except ImportError:
         raise UsageError(
             f"--backend {backend} needs the {module} package (AWS Neuron SDK), which is not "
-            "installed here; use the Neuron image (docker/Dockerfile.neuronx) or --backend cpu"
+            "installed here; run on an AWS Neuron machine (docker/Dockerfile.neuronx for "
+            "Inf2/Trn1) or use --backend cpu"
         ) from None

@@ -1,12 +1,14 @@
 """torch-neuron backend (Inf1): `torch.neuron.trace(model, example_inputs, compiler_args=...)`.
 
-Not run on hardware yet: tested against a stand-in module with the SDK's signature.
+Also the shared shape of both Neuron backends (neuronx.py is the other). Not run on
+hardware yet: tested against stand-in modules with the SDKs' `trace` signatures.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,8 +16,10 @@ from batchjob.backends import import_sdk
 
 
 @dataclass(frozen=True)
-class NeuronBackend:
-    name: str = "neuron"
+class NeuronSdkBackend:
+    name: str
+    sdk: str  # the module to import: it registers the Neuron ops (and, for Inf1, torch.neuron)
+    keep_fp32: tuple[str, str]  # compiler args that stop the default bf16 cast of matmuls
     device: str = "neuron"
 
     def trace(
@@ -25,21 +29,21 @@ class NeuronBackend:
         compiler_args: Sequence[str],
         dtype: str,
     ) -> torch.jit.ScriptModule:
-        import_sdk("torch_neuron", self.name)  # registers torch.neuron
+        sdk: Any = import_sdk(self.sdk, self.name)
         args = list(compiler_args)
-        # The compiler casts fp32 matmuls to bf16 unless told not to (fast-math).
-        if dtype == "fp32" and not any(a.startswith("--fast-math") for a in args):
-            args += ["--fast-math", "none"]
-        neuron = torch.neuron  # type: ignore[attr-defined]
-        traced: torch.jit.ScriptModule = neuron.trace(
+        if dtype == "fp32" and not any(a.startswith(self.keep_fp32[0]) for a in args):
+            args += list(self.keep_fp32)
+        # torch-neuron exposes its trace as torch.neuron.trace; torch-neuronx as its own.
+        tracer = torch.neuron if self.sdk == "torch_neuron" else sdk  # type: ignore[attr-defined]
+        traced: torch.jit.ScriptModule = tracer.trace(
             module.eval(), example_inputs, compiler_args=args
         )
         return traced
 
     def load(self, path: str) -> torch.jit.ScriptModule:
-        import_sdk("torch_neuron", self.name)  # registers the Neuron ops before load
+        import_sdk(self.sdk, self.name)  # registers the Neuron ops before load
         module: torch.jit.ScriptModule = torch.jit.load(path)
         return module
 
 
-BACKEND = NeuronBackend()
+BACKEND = NeuronSdkBackend("neuron", "torch_neuron", ("--fast-math", "none"))
