@@ -33,8 +33,11 @@ demo: install
 		--task feature-extraction --cache-dir .cache --input examples/corpus --output out/demo
 	$(BIN)/python examples/show.py out/demo
 
+# Each script compares with `batchjob run` measured in the same script, on the same corpus.
 bench: install
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/s3_bench.py
 
 clean:
 	rm -rf $(VENV) .cache out .mypy_cache .ruff_cache .pytest_cache .hypothesis
