@@ -190,16 +190,16 @@ class _Job:
         )
         self.open_shards: list[ShardState] = []
         self.commits: set[asyncio.Task[None]] = set()  # outputs being published
-        self._task_group: asyncio.TaskGroup | None = None
 
     async def pipeline(self, pool: ReplicaPool, shards: list[ShardRef]) -> None:
         chunks: asyncio.Queue[Any] = asyncio.Queue(CHUNKS_AHEAD)
         results: asyncio.Queue[Any] = asyncio.Queue(2 * pool.size + 2)
         async with asyncio.TaskGroup() as tg:
-            self._task_group = tg
             tg.create_task(self.read(shards, chunks))
             tg.create_task(self.dispatch(pool, chunks, results))
             tg.create_task(self.collect(results))
+        if self.commits:
+            await asyncio.wait(set(self.commits))
         unfinished = [s.ref.rel for s in self.open_shards]
         if unfinished:
             raise BatchJobError(f"internal error: shards left unfinished: {unfinished[:5]}")
@@ -307,16 +307,13 @@ class _Job:
             self.progress.add(documents=len(rows))
         if state.complete:
             self.open_shards.remove(state)
-            assert self._task_group is not None
-            self._task_group.create_task(self.commit(state))
-
-    async def commit(self, state: ShardState) -> None:
-        # Shielded: a cancelled run still finishes publishing outputs it has fully computed
-        # (`_run` waits for `commits` a while), and an output is never half published.
-        task = asyncio.ensure_future(self.publish(state))
-        self.commits.add(task)
-        task.add_done_callback(self.commits.discard)
-        await asyncio.shield(task)
+            # A task of its own, started here and outside the pipeline's task group: a
+            # cancelled run still publishes the outputs it has fully computed (`_run` waits
+            # for `commits` a while), none is half published, and none is left neither
+            # published nor aborted (a task-group task could be cancelled before it ran).
+            task = asyncio.ensure_future(self.publish(state))
+            self.commits.add(task)
+            task.add_done_callback(self.commits.discard)
 
     async def publish(self, state: ShardState) -> None:
         try:
