@@ -35,7 +35,7 @@ from batchjob.replicas import ReplicaPool
 from batchjob.s3 import is_s3
 from batchjob.sinks import OutputWriter, output_schema
 from batchjob.storage import ShardRef, Storage
-from batchjob.tasks import task_columns
+from batchjob.tasks import task_columns, task_fields
 from batchjob.tokens import Encoded, RecordTokenizer
 
 log = logging.getLogger("batchjob.run")
@@ -178,6 +178,7 @@ class _Job:
         self.report = report
         self.progress = progress
         self.schema = output_schema(artifact.task)
+        self.task_names = [f.name for f in task_fields(artifact.task)]
         self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
         self.tokenizer = RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = make_batcher(
@@ -331,9 +332,8 @@ class _Job:
         log.debug("shard done: %s (%d rows)", state.ref.rel, state.written)
 
     def row_columns(self, rows: list[Row]) -> dict[str, list[Any]]:
-        task_names = [f.name for f in self.schema][1:-2]
         columns: dict[str, list[Any]] = {"id": [r[0] for r in rows]}
-        for name in task_names:
+        for name in self.task_names:
             columns[name] = [None if r[1] is None else r[1][name] for r in rows]
         columns["truncated"] = [r[2] for r in rows]
         columns["error"] = [r[3] for r in rows]
