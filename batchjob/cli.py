@@ -12,7 +12,14 @@ import shlex
 import sys
 from typing import Any, NoReturn
 
-from batchjob.config import CompileSpec, RunSpec, load_job_file, parse_buckets, resolve_shapes
+from batchjob.config import (
+    CompileSpec,
+    RunSpec,
+    WorkerSpec,
+    load_job_file,
+    parse_buckets,
+    resolve_shapes,
+)
 from batchjob.errors import BatchJobError, UsageError
 
 SHAPE_FIELDS = ("batch_size", "sequence_length", "buckets", "max_batch_tokens")
@@ -129,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", type=float, default=S, help="on SIGTERM (25)")
     p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
     p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
+
+    p = commands.add_parser("worker", help="consume an SQS queue, write Parquet to S3")
+    _add_model_options(p)
+    p.add_argument("--queue", default=S, help="SQS queue URL (or name)")
+    p.add_argument("--output", default=S, help="s3:// prefix for results (job messages may differ)")
+    p.add_argument("--exit-when-idle", type=float, default=S, help="seconds with no message: exit")
+    p.add_argument("--drain-seconds", type=float, default=S, help="on SIGTERM (25)")
+    p.add_argument("--metrics-port", type=_integer, default=S, help="Prometheus /metrics port")
+    p.add_argument("--metrics-host", default=S, help="address for --metrics-port (0.0.0.0)")
+    p.add_argument("--max-batch-delay-ms", type=float, default=S, help="partial batch wait (5)")
+    p.add_argument("--max-messages-in-flight", type=_integer, default=S, help="at once (16)")
+    p.add_argument("--replicas", type=_integer, default=S, help="default: one per core")
+    p.add_argument("--cores-per-replica", type=_integer, default=S, help="default 1")
+    p.add_argument("--text-field", default=S, help="field holding the text (text)")
+    p.add_argument("--text-pair-field", default=S, help="field holding the second text of a pair")
+    p.add_argument("--id-field", default=S, help="field holding the record id (id)")
+    p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
+    p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
     return parser
 
 
@@ -159,6 +184,18 @@ def run_spec(fields: dict[str, Any]) -> RunSpec:
         raise UsageError(f"bad job field: {e}") from None
 
 
+def worker_spec(fields: dict[str, Any]) -> WorkerSpec:
+    compile_ = compile_spec(fields)
+    excluded = {"command", "log_level", "model", *SHAPE_FIELDS, *COMPILE_FIELDS}
+    options = {k: v for k, v in fields.items() if k not in excluded}
+    return WorkerSpec(
+        queue=options.pop("queue", ""),
+        output=options.pop("output", ""),
+        compile=compile_,
+        **options,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -180,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             if "job" in fields:
                 fields = {**load_job_file(fields["job"]), **fields}
             return run(run_spec(fields))
+        if args.command == "worker":
+            from batchjob.worker import work
+
+            return work(worker_spec(fields))
         if args.command == "serve":
             import os
 

@@ -194,6 +194,61 @@ class RunSpec:
             object.__setattr__(self, "cache_dir", default_cache_dir())
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What `batchjob worker` does: consume an SQS queue, write Parquet for each message."""
+
+    queue: str  # a queue URL (or name)
+    output: str  # where results go unless a job message names its own output
+    compile: CompileSpec
+    exit_when_idle: float | None = None  # seconds with no message: exit 0 (cron, batch use)
+    drain_seconds: float = 25.0  # SIGTERM → exit: under Kubernetes' 30 s grace period
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    max_batch_delay_ms: float = 5.0  # a partial batch waits this long for more documents
+    max_messages_in_flight: int = 16  # backpressure: received and not yet finished
+    replicas: int | None = None
+    cores_per_replica: int = 1
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    id_field: str = "id"
+    replica_start_timeout: float = 300.0
+    cache_dir: str = ""
+    visibility_ceiling: float = 12 * 3600  # SQS's: work that would outlast it is failed
+
+    def __post_init__(self) -> None:
+        _require(bool(self.queue), "--queue is required")
+        _require(bool(self.output), "--output is required")
+        _require(
+            self.exit_when_idle is None or self.exit_when_idle >= 0,
+            f"--exit-when-idle must be ≥ 0 seconds, got {self.exit_when_idle}",
+        )
+        _require(self.drain_seconds >= 0, f"--drain-seconds must be ≥ 0, got {self.drain_seconds}")
+        _require(
+            self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            f"--metrics-port must be 0..65535, got {self.metrics_port}",
+        )
+        _require(
+            0 <= self.max_batch_delay_ms <= 10_000,
+            f"--max-batch-delay-ms must be 0..10000, got {self.max_batch_delay_ms:g}",
+        )
+        _require(
+            self.replicas is None or self.replicas >= 1,
+            f"--replicas must be ≥ 1, got {self.replicas}",
+        )
+        for flag, value in (
+            ("--max-messages-in-flight", self.max_messages_in_flight),
+            ("--cores-per-replica", self.cores_per_replica),
+        ):
+            _require(value >= 1, f"{flag} must be ≥ 1, got {value}")
+        _require(
+            self.replica_start_timeout > 0,
+            f"--replica-start-timeout must be > 0, got {self.replica_start_timeout}",
+        )
+        if not self.cache_dir:
+            object.__setattr__(self, "cache_dir", default_cache_dir())
+
+
 def default_cache_dir() -> str:
     """Where compiled plain models are kept: $XDG_CACHE_HOME/batchjob or ~/.cache/batchjob."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")

@@ -30,10 +30,12 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
-from batchjob.artifact import Artifact
+from batchjob.artifact import Artifact, ArtifactLoader
 from batchjob.batching import Batch, Batcher, Item, make_batcher
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.records import Record
+from batchjob.replica_process import Placement
+from batchjob.replicas import ReplicaPool
 from batchjob.tasks import task_columns
 from batchjob.tokens import RecordTokenizer
 
@@ -83,6 +85,30 @@ class _Waiting:
     future: asyncio.Future[Result]
     truncated: bool
     since: float = field(default_factory=time.monotonic)
+
+
+async def start_engine(
+    stack: contextlib.AsyncExitStack,
+    artifact: Artifact,
+    placements: Sequence[Placement],
+    *,
+    start_timeout: float,
+    max_batch_delay: float,
+) -> tuple[Engine, ReplicaPool]:
+    """The replicas, loaded (the tokenizer loads meanwhile, in a thread), and an engine
+    over them; `stack` closes both (the engine first)."""
+    tokenizer = asyncio.create_task(
+        asyncio.to_thread(RecordTokenizer, artifact.tokenizer_path, artifact.max_length)
+    )
+    pool = ReplicaPool(ArtifactLoader(artifact.path), placements, start_timeout=start_timeout)
+    try:
+        await stack.enter_async_context(pool)
+    finally:
+        if not tokenizer.done():
+            await asyncio.wait([tokenizer])
+    engine = Engine(artifact, pool, max_batch_delay=max_batch_delay, tokenizer=tokenizer.result())
+    await stack.enter_async_context(engine)
+    return engine, pool
 
 
 def engine_batcher(artifact: Artifact, pad_id: int, sort_window: int = 4096) -> Batcher:

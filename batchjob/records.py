@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from gzip import BadGzipFile, GzipFile
 from pathlib import PurePosixPath
-from typing import IO, TYPE_CHECKING, BinaryIO, Protocol
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -251,6 +251,18 @@ def _jsonl(f: _Readline, rel: str, fields: Fields) -> Iterator[Record]:
                 yield _error(rel, "line", n, e)
             else:
                 yield _record(obj, obj.get(fields.id), fields, (rel, "line", n))
+
+
+def records_from_objects(values: list[Any], rel: str, fields: Fields) -> list[Record]:
+    """Records from JSON values already parsed (inline documents of a queue message)."""
+    records = []
+    for n, value in enumerate(values, 1):
+        if not isinstance(value, dict):
+            problem = f"expected a JSON object, got {type(value).__name__}"
+            records.append(_error(rel, "document", n, problem))
+        else:
+            records.append(_record(value, value.get(fields.id), fields, (rel, "document", n)))
+    return records
 
 
 def _txt(f: _Readline, rel: str, fields: Fields) -> Iterator[Record]:

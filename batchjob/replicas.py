@@ -117,6 +117,11 @@ class ReplicaPool:
     def size(self) -> int:
         return len(self._reps)
 
+    @property
+    def failed(self) -> str | None:
+        """Why the pool gave up (a replica died too often), or None: it fails every batch."""
+        return self._failed
+
     async def __aenter__(self) -> ReplicaPool:
         await self.start()
         return self

@@ -33,7 +33,7 @@ from batchjob.records import Fields, Record, read_records
 from batchjob.replica_process import plan_placements
 from batchjob.replicas import ReplicaPool
 from batchjob.s3 import is_s3
-from batchjob.sinks import OutputWriter, output_schema
+from batchjob.sinks import OutputWriter, Row, output_schema, row_columns
 from batchjob.storage import ShardRef, Storage
 from batchjob.tasks import task_columns, task_fields
 from batchjob.tokens import Encoded, RecordTokenizer
@@ -45,9 +45,6 @@ CHUNKS_AHEAD = 4  # tokenized chunks read ahead of dispatch
 # On SIGTERM, outputs already being published get this long to finish: under Kubernetes'
 # default 30 s grace period, with room to stop the replicas and write the manifest.
 COMMIT_GRACE_SECONDS = 15.0
-
-# id, task values (None for an error row), truncated, error
-Row = tuple[str, dict[str, Any] | None, bool, str | None]
 
 
 @dataclass(eq=False)
@@ -301,7 +298,7 @@ class _Job:
         whole = state.total is not None and end == state.total
         if end - state.written >= ROWS_PER_WRITE or (whole and end > state.written):
             rows = [state.ready.pop(i) for i in range(state.written, end)]
-            state.writer.write(self.row_columns(rows))
+            state.writer.write(row_columns(self.task_names, rows))
             state.written = end
             state.errors += sum(1 for r in rows if r[3] is not None)
             state.truncated += sum(1 for r in rows if r[2])
@@ -330,14 +327,6 @@ class _Job:
         self.report.truncated += state.truncated
         self.progress.add(shards=1)
         log.debug("shard done: %s (%d rows)", state.ref.rel, state.written)
-
-    def row_columns(self, rows: list[Row]) -> dict[str, list[Any]]:
-        columns: dict[str, list[Any]] = {"id": [r[0] for r in rows]}
-        for name in self.task_names:
-            columns[name] = [None if r[1] is None else r[1][name] for r in rows]
-        columns["truncated"] = [r[2] for r in rows]
-        columns["error"] = [r[3] for r in rows]
-        return columns
 
     def fail_shard(self, state: ShardState, reason: str) -> None:
         state.writer.abort()

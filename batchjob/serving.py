@@ -24,14 +24,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from batchjob.artifact import Artifact, ArtifactLoader
-from batchjob.engine import Engine, EngineClosedError
+from batchjob.artifact import Artifact
+from batchjob.engine import Engine, EngineClosedError, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.replica_process import plan_placements
-from batchjob.replicas import ReplicaPool
 from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
 from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
-from batchjob.tokens import RecordTokenizer
 
 log = logging.getLogger("batchjob.serve")
 
@@ -214,20 +212,10 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
     device = get_backend(artifact.backend).device
     placements = plan_placements(spec.replicas, spec.cores_per_replica, device)
     state.artifact, state.replicas = artifact, len(placements)
-    # The tokenizer loads in a thread while the replicas load the model.
-    tokenizer = asyncio.create_task(
-        asyncio.to_thread(RecordTokenizer, artifact.tokenizer_path, artifact.max_length)
+    state.engine, _ = await start_engine(
+        stack,
+        artifact,
+        placements,
+        start_timeout=spec.replica_start_timeout,
+        max_batch_delay=spec.max_batch_delay_ms / 1000,
     )
-    pool = ReplicaPool(
-        ArtifactLoader(artifact.path), placements, start_timeout=spec.replica_start_timeout
-    )
-    try:
-        await stack.enter_async_context(pool)
-    finally:
-        if not tokenizer.done():
-            await asyncio.wait([tokenizer])
-    engine = Engine(
-        artifact, pool, max_batch_delay=spec.max_batch_delay_ms / 1000, tokenizer=tokenizer.result()
-    )
-    await stack.enter_async_context(engine)
-    state.engine = engine

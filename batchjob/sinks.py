@@ -36,6 +36,20 @@ def output_schema(task: str) -> pa.Schema:
     )
 
 
+# One output row: id, the task's values (None for an error row), truncated, error.
+Row = tuple[str, dict[str, Any] | None, bool, str | None]
+
+
+def row_columns(task_names: list[str], rows: list[Row]) -> dict[str, list[Any]]:
+    """Rows → the output's columns (`output_schema`), for `OutputWriter.write`."""
+    columns: dict[str, list[Any]] = {"id": [r[0] for r in rows]}
+    for name in task_names:
+        columns[name] = [None if r[1] is None else r[1][name] for r in rows]
+    columns["truncated"] = [r[2] for r in rows]
+    columns["error"] = [r[3] for r in rows]
+    return columns
+
+
 def output_rel(rel: str) -> str:
     """`a/b.jsonl.gz` → `a/b.parquet`: the input's relative path, its extensions replaced."""
     head, name = os.path.split(rel)

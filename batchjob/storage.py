@@ -52,19 +52,19 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
-def _checked(root: str, shards: list[ShardRef], skipped: list[str]) -> list[ShardRef]:
+def _checked(where: str, shards: list[ShardRef], skipped: list[str]) -> list[ShardRef]:
     if skipped:
         log.warning("skipping %d file(s) of no supported format, e.g. %s", len(skipped), skipped[0])
     if not shards:
-        raise UsageError(f"--input {root}: {NO_SHARDS}")
+        raise UsageError(f"{where}: {NO_SHARDS}")
     seen: dict[str, str] = {}
     for shard in shards:
         if shard.rel.startswith("/") or ".." in shard.rel.split("/"):
-            raise UsageError(f"{root}: {shard.rel!r} would be written outside the output")
+            raise UsageError(f"{where}: {shard.rel!r} would be written outside the output")
         other = seen.setdefault(shard.output_rel, shard.rel)
         if other != shard.rel:
             raise UsageError(
-                f"--input: {other} and {shard.rel} would both be written to {shard.output_rel}"
+                f"{where}: {other} and {shard.rel} would both be written to {shard.output_rel}"
             )
     return shards
 
@@ -97,7 +97,7 @@ def list_shards(root: str, fmt: str = "auto", exclude: str | None = None) -> lis
                 shards.append(ShardRef(path, rel, detect_format(name, fmt), is_gzip(name)))
             except UsageError:
                 skipped.append(rel)
-    return _checked(root, shards, skipped)
+    return _checked(f"--input {root}", shards, skipped)
 
 
 def existing_local_outputs(output: str) -> set[str]:
@@ -112,6 +112,10 @@ def existing_local_outputs(output: str) -> set[str]:
 # Local files open at once and read from the page cache: no thread needed.
 def _open_local(path: str) -> BinaryIO:
     return open(path, "rb")
+
+
+def _is_file(path: str) -> bool:
+    return os.path.isfile(path)
 
 
 def _read_local(path: str, limit: int) -> bytes:
@@ -165,11 +169,11 @@ class Storage:
     # -- input ------------------------------------------------------------------------------
 
     async def list_shards(
-        self, root: str, fmt: str = "auto", exclude: str | None = None
+        self, root: str, fmt: str = "auto", exclude: str | None = None, label: str = "--input"
     ) -> list[ShardRef]:
         """The shards of `root`: a file or object (one shard), or everything under a directory
         or prefix, in a stable order (key order on S3). `exclude`: the output, when it lies
-        inside the input."""
+        inside the input. `label` names `root` in errors."""
         if not is_s3(root):
             return list_shards(root, fmt, exclude)
         url, s3 = S3Url.parse(root), await self.s3()
@@ -196,10 +200,10 @@ class Storage:
                 except UsageError:
                     skipped.append(rel)
         except S3Error as e:
-            raise _usage(f"--input {root}", e) from None
+            raise _usage(f"{label} {root}", e) from None
         if not shards and not skipped:
-            raise UsageError(f"--input {root}: no such object, nor objects under {prefix!r}")
-        return _checked(root, shards, skipped)
+            raise UsageError(f"{label} {root}: no such object, nor objects under {prefix!r}")
+        return _checked(f"{label} {root}", shards, skipped)
 
     async def read_shard_list(self, uri: str, fmt: str = "auto") -> list[ShardRef]:
         """The shards an `--input-manifest` names, in its order. Either a SageMaker manifest,
@@ -279,6 +283,12 @@ class Storage:
             # Write-only credentials are legitimate without --resume.
             log.warning("--output %s: can't list it (%s); going on", output, e.code)
         return set()
+
+    async def output_exists(self, output: str, rel: str) -> bool:
+        """Whether `<output>/<rel>` is published already (a HEAD on S3)."""
+        if not is_s3(output):
+            return _is_file(os.path.join(output, rel))
+        return await (await self.s3()).head(S3Url.parse(output).join(rel)) is not None
 
     async def writer(self, output: str, rel: str, schema: pa.Schema) -> OutputWriter:
         """Where a shard's rows go: `<output>/<rel>`, published whole on commit."""

@@ -18,6 +18,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -168,7 +169,8 @@ def bucket_fixture(moto_server: MotoServer, s3_env: dict[str, str]) -> Bucket:
 class Fault:
     """Requests matching `method` and a `path` substring (the decoded path and query) get
     `status`/`code` instead of moto's answer; or, with `cut_at`, moto's answer cut short
-    after that many body bytes. `times`: how many requests it hits (None: all)."""
+    after that many body bytes; or, with `delay`, moto's answer after that many seconds.
+    `times`: how many requests it hits (None: all)."""
 
     method: str
     path: str
@@ -176,6 +178,7 @@ class Fault:
     code: str = "SlowDown"
     times: int | None = None
     cut_at: int | None = None
+    delay: float = 0.0
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -260,6 +263,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             path = urllib.parse.unquote(self.path)
             proxy.log(Request(self.command, path, dict(self.headers.items())))
             fault = proxy.fault_for(self.command, path)
+            if fault is not None and fault.delay:
+                time.sleep(fault.delay)  # a stalled request: answered normally, late
+                fault = None
             if fault is not None and fault.cut_at is None:
                 return self._error(fault)
             serialized = proxy.serialize_writes and self.command in ("PUT", "POST")

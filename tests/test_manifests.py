@@ -20,7 +20,7 @@ import pytest
 import regex
 import yaml
 
-from batchjob.cli import build_parser, run_spec
+from batchjob.cli import build_parser, run_spec, worker_spec
 from batchjob.config import load_job_file
 from batchjob.serve_config import HF_TASKS, MAX_PAYLOAD_MB_LIMIT
 from batchjob.serve_formats import REQUEST_TYPES, RESPONSE_TYPES
@@ -31,14 +31,6 @@ MANIFESTS = REPO / "manifests"
 ENTRYPOINT_COMMANDS = ("serve", "run", "worker", "compile")
 # Kubernetes versions the manifests must be valid for: an older supported one, the newest.
 K8S_VERSIONS = ("1.29.0", None)
-# `batchjob worker`'s flags as its issue documents them (each takes a value). Checked here
-# always; the real parser is checked as well once the `worker` subcommand exists.
-WORKER_FLAGS = {
-    "--queue", "--model", "--output", "--exit-when-idle", "--drain-seconds", "--metrics-port",
-    "--max-batch-delay-ms",
-}  # fmt: skip
-WORKER_REQUIRED = {"--queue", "--model", "--output"}
-WORKER_DEFAULT_DRAIN_SECONDS = 25.0
 
 
 # -- SageMaker --------------------------------------------------------------------------------
@@ -203,13 +195,6 @@ def test_cronjob_runs_batchjob_run_over_an_s3_prefix() -> None:
     run_spec(fields)  # the values are valid too
 
 
-def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    choices: dict[str, argparse.ArgumentParser] = action.choices
-    return choices
-
-
 def test_sqs_worker_deployment_args_grace_period_and_keda_scaling() -> None:
     docs = documents("sqs-worker.yaml")
     [deployment] = by_kind(docs, "Deployment")
@@ -217,32 +202,22 @@ def test_sqs_worker_deployment_args_grace_period_and_keda_scaling() -> None:
     args = container_args(pod)
     assert args[0] == "worker"
 
-    # The documented flags, each with a value.
-    flags = dict(zip(args[1::2], args[2::2], strict=True))
-    assert set(flags) <= WORKER_FLAGS, set(flags) - WORKER_FLAGS
-    assert set(flags) >= WORKER_REQUIRED
-    assert not any(v.startswith("--") for v in flags.values())
-    if "worker" in subcommands():
-        parse(args)  # and the real parser, now that there is one
-    else:
-        print(
-            "NOTE: batchjob has no `worker` subcommand yet: sqs-worker.yaml's args were checked "
-            "against the flags its issue documents only"
-        )
-    drain = float(flags.get("--drain-seconds", WORKER_DEFAULT_DRAIN_SECONDS))
-    assert pod["terminationGracePeriodSeconds"] > drain + 5  # room to exit after draining
+    spec = worker_spec(vars(parse(args)))
+    assert pod["terminationGracePeriodSeconds"] > spec.drain_seconds + 5  # room to exit after
+    port = next(p["containerPort"] for p in pod["containers"][0]["ports"] if p["name"] == "metrics")
+    assert spec.metrics_port == port
 
     [scaled] = by_kind(docs, "ScaledObject")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    spec = scaled["spec"]
-    assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-    [trigger] = spec["triggers"]
+    scaling = scaled["spec"]
+    assert scaling["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert scaling["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert 0 <= scaling["minReplicaCount"] <= scaling["maxReplicaCount"]
+    [trigger] = scaling["triggers"]
     assert trigger["type"] == "aws-sqs-queue"
     meta = trigger["metadata"]
     assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
-    assert meta["queueURL"] == flags["--queue"]
+    assert meta["queueURL"] == spec.queue
     assert int(meta["queueLength"]) >= 1
     region = re.fullmatch(
         r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com/\d{12}/[\w-]+", meta["queueURL"]
@@ -255,11 +230,9 @@ def test_sqs_worker_deployment_args_grace_period_and_keda_scaling() -> None:
     assert auth["spec"]["podIdentity"]["provider"] == "aws"
 
 
-def test_the_worker_flag_check_can_fail() -> None:
-    flags = dict(zip(["--queue", "--modle"], ["q", "m"], strict=True))
-    assert set(flags) - WORKER_FLAGS == {"--modle"}
+def test_the_worker_args_check_can_fail() -> None:
     with pytest.raises(AssertionError, match="the CLI refuses"):
-        parse(["run", "--input", "s3://b/in/", "--outptu", "s3://b/out/"])
+        parse(["worker", "--queue", "q", "--modle", "m", "--output", "s3://b/out/"])
 
 
 @pytest.mark.parametrize(

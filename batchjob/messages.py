@@ -1,0 +1,144 @@
+"""What an SQS message asks the worker to do: pure parsing, no I/O.
+
+Three kinds of body, told apart by their fields:
+
+- an S3 event notification (`{"Records": [{"s3": {"bucket": {"name"}, "object": {"key"}}}]}`),
+  also wrapped in an SNS notification (`{"Type": "Notification", "Message": "<the event>"}`).
+  Keys arrive URL-encoded with `+` for a space (`unquote_plus`). The `s3:TestEvent` S3 sends
+  when notifications are configured, and events other than ObjectCreated, ask for nothing;
+- a job: `{"input": "s3://b/key-or-prefix", "output": "s3://b/prefix/"}` (output optional);
+- inline documents: `{"id": "...", "documents": [{"id": ..., "text": ...}, ...]}`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+from batchjob.errors import InputError
+from batchjob.s3 import SCHEME, S3Url, is_s3
+
+# An inline message's id names its output file: one path component, no surprises.
+_INLINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,254}")
+
+
+class MessageError(InputError):
+    """A body the worker can't act on: the message fails (and reaches the DLQ in time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectWork:
+    """One S3 object: its results go to `<output>/<key without extension>.parquet`."""
+
+    url: S3Url
+    output: str | None = None  # None: the worker's --output
+
+
+@dataclass(frozen=True, slots=True)
+class JobWork:
+    """A job message's input, an object or a prefix (which, only S3 can tell)."""
+
+    input: str
+    output: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InlineWork:
+    """Documents in the message itself: results go to `<output>/inline/<id>.parquet`."""
+
+    id: str
+    documents: list[Any]
+
+
+Work = ObjectWork | JobWork | InlineWork
+
+
+def parse_message(body: str, message_id: str) -> list[Work]:
+    """The work a message body asks for: [] for a message that asks for nothing (the S3
+    test event, an event that is not an object's creation). MessageError names the problem."""
+    value = _json(body, "message body")
+    if isinstance(value, dict) and value.get("Type") == "Notification" and "Message" in value:
+        if not isinstance(value["Message"], str):
+            raise MessageError("SNS notification: its Message is not a string")
+        value = _json(value["Message"], "SNS notification's Message")
+    if not isinstance(value, dict):
+        raise MessageError(f"message body: expected a JSON object, got {type(value).__name__}")
+    if value.get("Event") == "s3:TestEvent":
+        return []
+    if "Records" in value:
+        return _s3_event(value["Records"])
+    if "documents" in value:
+        return [_inline(value, message_id)]
+    if "input" in value:
+        return [_job(value)]
+    fields = ", ".join(sorted(map(str, value))[:8]) or "none"
+    raise MessageError(
+        "message body: not an S3 event (Records), a job (input) nor inline documents "
+        f"(documents); its fields: {fields}"
+    )
+
+
+def _json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno} col {e.colno}"
+        raise MessageError(f"{what}: not valid JSON: {e.msg} at {where}") from None
+    except RecursionError:
+        raise MessageError(f"{what}: not valid JSON: nested too deeply") from None
+
+
+def _s3_event(records: Any) -> list[Work]:
+    if not isinstance(records, list):
+        raise MessageError("S3 event: Records is not a list")
+    work: list[Work] = []
+    for n, record in enumerate(records):
+        where = f"S3 event: Records[{n}]"
+        if not isinstance(record, dict) or not isinstance(record.get("s3"), dict):
+            raise MessageError(f"{where}: no s3 section")
+        event = record.get("eventName", "")
+        if isinstance(event, str) and event and not event.startswith("ObjectCreated"):
+            continue  # a deletion, a restore, ...: nothing to compute
+        bucket = _field(record["s3"], "bucket", "name")
+        key = _field(record["s3"], "object", "key")
+        if not isinstance(bucket, str) or not bucket:
+            raise MessageError(f"{where}: no s3.bucket.name")
+        if not isinstance(key, str) or not key:
+            raise MessageError(f"{where}: no s3.object.key")
+        work.append(ObjectWork(S3Url(bucket, unquote_plus(key))))
+    return work
+
+
+def _field(section: dict[str, Any], name: str, inner: str) -> Any:
+    value = section.get(name)
+    return value.get(inner) if isinstance(value, dict) else None
+
+
+def _s3_uri(value: Any, field: str) -> str:
+    if not (isinstance(value, str) and is_s3(value) and value[len(SCHEME) :].split("/")[0]):
+        raise MessageError(f"job message: {field} must be an s3:// URI, got {value!r}")
+    return value
+
+
+def _job(value: dict[str, Any]) -> JobWork:
+    output = value.get("output")
+    return JobWork(
+        _s3_uri(value["input"], "input"), None if output is None else _s3_uri(output, "output")
+    )
+
+
+def _inline(value: dict[str, Any], message_id: str) -> InlineWork:
+    documents = value["documents"]
+    if not isinstance(documents, list):
+        kind = type(documents).__name__
+        raise MessageError(f"inline message: documents must be a list, got {kind}")
+    inline_id = value.get("id", message_id)
+    if not isinstance(inline_id, str) or not _INLINE_ID.fullmatch(inline_id):
+        raise MessageError(
+            f"inline message: id {inline_id!r} must be letters, digits and ._=- "
+            "(it names the output file)"
+        )
+    return InlineWork(inline_id, documents)
