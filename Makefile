@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/serve_bench.py
 	$(BIN)/python bench/s3_bench.py
+	$(BIN)/python bench/sqs_bench.py
 
 clean:
 	rm -rf $(VENV) .cache out .mypy_cache .ruff_cache .pytest_cache .hypothesis

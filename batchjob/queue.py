@@ -75,9 +75,12 @@ class SqsQueue:
         )
         client = aioboto3.Session().client("sqs", config=config)
         self._client = await self._stack.enter_async_context(client)
+        call = "GetQueueAttributes"
         try:
             if not self.url.startswith(("https://", "http://")):
+                call = "GetQueueUrl"
                 self.url = (await self._client.get_queue_url(QueueName=self.url))["QueueUrl"]
+                call = "GetQueueAttributes"
             attributes = (
                 await self._client.get_queue_attributes(
                     QueueUrl=self.url, AttributeNames=["VisibilityTimeout", "RedrivePolicy"]
@@ -85,7 +88,7 @@ class SqsQueue:
             )["Attributes"]
         except (ClientError, BotoCoreError) as e:
             await self._stack.aclose()
-            raise UsageError(f"--queue {self.url}: {_error('GetQueueAttributes', e)}") from None
+            raise UsageError(f"--queue {self.url}: {_error(call, e)}") from None
         self.visibility_timeout = int(attributes.get("VisibilityTimeout", 30))
         if policy := attributes.get("RedrivePolicy"):
             with contextlib.suppress(ValueError, TypeError, KeyError):
@@ -173,7 +176,11 @@ class SqsQueue:
         await asyncio.sleep(DELETE_LINGER)
         while self._deletes:
             batch, self._deletes = self._deletes[:BATCH_LIMIT], self._deletes[BATCH_LIMIT:]
-            await self._delete_batch(dict(enumerate(batch)))
+            try:
+                await self._delete_batch(dict(enumerate(batch)))
+            except Exception as e:  # unexpected: still, no caller may wait forever
+                for _, future in batch:
+                    _settle(future, QueueError(f"DeleteMessageBatch: {e!r}"))
 
     async def _delete_batch(self, todo: dict[int, tuple[Message, asyncio.Future[None]]]) -> None:
         for attempt in range(1, DELETE_ATTEMPTS + 1):

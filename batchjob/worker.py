@@ -121,6 +121,7 @@ class Worker:
         self.visibility = max(1, queue.visibility_timeout)
         self.heartbeat = max(0.5, self.visibility / 3)
         self.summary = Summary()
+        self.inferred = 0  # documents with results so far: the throughput log's count
         self.fatal: str | None = None  # the replicas gave up: stop, release, exit 1
         self._tasks: dict[asyncio.Task[None], Message] = {}
         self._slot_free = asyncio.Event()
@@ -227,7 +228,7 @@ class Worker:
         last_documents, last = 0, time.monotonic()
         while True:
             await asyncio.sleep(THROUGHPUT_LOG_SECONDS)
-            now, documents = time.monotonic(), self.summary.documents
+            now, documents = time.monotonic(), self.inferred
             if documents != last_documents or self._tasks:
                 stats = self.engine.stats
                 fill = stats.real_tokens / stats.compiled_tokens if stats.compiled_tokens else 0
@@ -405,7 +406,9 @@ class Worker:
 
         async def oldest_done() -> None:
             records, task = pending.popleft()
-            for record, result in zip(records, await task, strict=True):
+            results = await task
+            self.inferred += len(results)
+            for record, result in zip(records, results, strict=True):
                 rows.append((record.id, result.values, result.truncated, result.error))
                 counts.errors += result.error is not None
             if len(rows) >= ROWS_PER_WRITE or not pending:
@@ -457,7 +460,7 @@ def work(spec: WorkerSpec) -> int:
         f"batchjob worker: {summary.done} messages done, {summary.duplicate} duplicate, "
         f"{summary.ignored} ignored, {summary.failed} failed, {summary.released} released; "
         f"{summary.documents} documents, {summary.errors} errors; "
-        f"{time.monotonic() - started:.1f}s, busy {summary.busy_seconds:.1f}s, "
+        f"{time.monotonic() - started:.1f}s, busy {summary.busy_seconds:.3f}s, "
         f"{rate:.1f} documents/s while busy",
         flush=True,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import re
 import signal
 import time
@@ -18,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchjob.config import CompileSpec, WorkerSpec
+from batchjob.worker import work
 from tests.conftest import CompileFn, make_texts
 from tests.s3_server import (  # noqa: F401  (fixtures)
     Bucket,
@@ -36,6 +39,7 @@ from tests.sqs_queues import (  # noqa: F401  (fixtures)
     wait_until,
     worker_process,
 )
+from tests.test_cli import assert_usage_error, invoke
 from tests.test_s3_run import run_job
 
 IDLE = ("--exit-when-idle", "2")
@@ -278,3 +282,65 @@ def test_metrics_and_a_clean_sigterm_when_idle(
         assert line in text.splitlines(), line
     fill = float(re.search(r"^batchjob_batch_fill_ratio (\S+)$", text, re.M).group(1))
     assert 0 < fill <= 1
+
+
+def test_work_past_the_visibility_ceiling_fails_cleanly_and_is_retried(
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In-process, with a ceiling of 8 s (SQS's is 12 h): the first delivery's download
+    stalls past it, is abandoned and the message made visible; the second completes."""
+    queue = queues.make(visibility=1)
+    bucket.put("endless.jsonl", jsonl("e", 5, 11))
+    proxy.faults.append(Fault("GET", "/endless.jsonl", delay=30, times=1))
+    queue.send({"input": bucket.uri("endless.jsonl")})
+    spec = WorkerSpec(
+        queue=queue.url,
+        output=bucket.uri("out/"),
+        compile=CompileSpec(model=artifact),
+        replicas=1,
+        exit_when_idle=2,
+        visibility_ceiling=8,
+    )
+    caplog.set_level(logging.INFO, logger="batchjob")
+    assert work(spec) == 0
+    assert "would outlast SQS's 8 s visibility ceiling" in caplog.text
+    assert "(ApproximateReceiveCount 1)" in caplog.text
+    assert table(bucket, "out/endless.parquet").num_rows == 5
+    assert queue.depth() == 0
+
+
+def worker_argv(artifact: str, queue: Queue, bucket: Bucket, *extra: str) -> list[str]:
+    argv = ["worker", "--model", artifact, "--queue", queue.url, "--output", bucket.uri("out/")]
+    return [*argv, "--replicas", "1", *extra]
+
+
+BAD_WORKER_FLAGS = {
+    "no-queue": (("--queue", ""), "--queue is required"),
+    "no-such-queue": (("--queue", "no-such-queue"), "--queue no-such-queue: "),
+    "no-such-bucket": (("--output", "s3://no-such-bucket/out/"), "NoSuchBucket"),
+    "metrics-port": (("--metrics-port", "70000"), "--metrics-port must be 0..65535, got 70000"),
+    "drain-seconds": (("--drain-seconds", "-1"), "--drain-seconds must be ≥ 0, got -1"),
+    "idle": (("--exit-when-idle", "-5"), "--exit-when-idle must be ≥ 0 seconds, got -5"),
+    "in-flight": (("--max-messages-in-flight", "0"), "--max-messages-in-flight must be ≥ 1"),
+    "model": (("--model", "/nonexistent/model"), "/nonexistent/model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WORKER_FLAGS))
+def test_bad_worker_invocations_are_one_line_exit_2(
+    case: str,
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    flags, needle = BAD_WORKER_FLAGS[case]
+    queue = queues.make()
+    queue.send({"input": bucket.uri("x.jsonl")})
+    code, out, err = invoke(worker_argv(artifact, queue, bucket, *flags), capsys)
+    assert_usage_error(code, out, err, (needle,))
+    assert queue.receive() != []  # nothing was received

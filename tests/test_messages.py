@@ -1,0 +1,88 @@
+"""Message bodies → work: S3 events (also wrapped by SNS), jobs, inline documents, and the
+errors that name what is wrong with a body."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, parse_message
+from batchjob.s3 import S3Url
+
+
+def s3_event(*keys: str, event: str = "ObjectCreated:Put", bucket: str = "bkt") -> dict[str, Any]:
+    return {
+        "Records": [
+            {
+                "eventSource": "aws:s3",
+                "eventName": event,
+                "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}},
+            }
+            for key in keys
+        ]
+    }
+
+
+def parse(body: Any, message_id: str = "m-1") -> list[Any]:
+    return parse_message(body if isinstance(body, str) else json.dumps(body), message_id)
+
+
+def test_s3_event_keys_are_url_decoded_with_plus_for_space() -> None:
+    # S3 encodes "dir/a b+c.jsonl" as "dir/a+b%2Bc.jsonl" (quote_plus).
+    work = parse(s3_event("dir/a+b%2Bc.jsonl", "x%C3%A9.csv.gz"))
+    assert work == [
+        ObjectWork(S3Url("bkt", "dir/a b+c.jsonl")),
+        ObjectWork(S3Url("bkt", "xé.csv.gz")),
+    ]
+
+
+def test_s3_event_wrapped_in_sns() -> None:
+    body = {"Type": "Notification", "TopicArn": "arn:t", "Message": json.dumps(s3_event("k.txt"))}
+    assert parse(body) == [ObjectWork(S3Url("bkt", "k.txt"))]
+
+
+def test_test_event_and_other_event_kinds_ask_for_nothing() -> None:
+    assert parse({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "bkt"}) == []
+    sns = {"Type": "Notification", "Message": json.dumps({"Event": "s3:TestEvent"})}
+    assert parse(sns) == []
+    assert parse(s3_event("gone.jsonl", event="ObjectRemoved:Delete")) == []
+
+
+def test_job_messages() -> None:
+    assert parse({"input": "s3://b/in/"}) == [JobWork("s3://b/in/")]
+    assert parse({"input": "s3://b/a.jsonl", "output": "s3://o/p/"}) == [
+        JobWork("s3://b/a.jsonl", "s3://o/p/")
+    ]
+
+
+def test_inline_documents_take_their_id_or_the_message_id() -> None:
+    docs = [{"id": 1, "text": "a"}, "bad"]
+    assert parse({"id": "batch-1", "documents": docs}) == [InlineWork("batch-1", docs)]
+    assert parse({"documents": []}, message_id="0f9e-77") == [InlineWork("0f9e-77", [])]
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("not json", "message body: not valid JSON: Expecting value at line 1 col 1"),
+        ("[1, 2]", "message body: expected a JSON object, got list"),
+        ({"hello": 1}, "not an S3 event (Records), a job (input) nor inline documents"),
+        ({"Type": "Notification", "Message": "{oops"}, "SNS notification's Message: not valid"),
+        ({"Records": "x"}, "S3 event: Records is not a list"),
+        ({"Records": [{"s3": {"object": {"key": "k"}}}]}, "Records[0]: no s3.bucket.name"),
+        ({"Records": [{"s3": {"bucket": {"name": "b"}}}]}, "Records[0]: no s3.object.key"),
+        ({"Records": [{"eventName": "ObjectCreated:Put"}]}, "Records[0]: no s3 section"),
+        ({"input": "/etc/passwd"}, "job message: input must be an s3:// URI, got '/etc/passwd'"),
+        ({"input": "s3://"}, "job message: input must be an s3:// URI"),
+        ({"input": "s3://b/k", "output": 3}, "job message: output must be an s3:// URI, got 3"),
+        ({"documents": {"text": "x"}}, "inline message: documents must be a list, got dict"),
+        ({"id": "../up", "documents": []}, "inline message: id '../up' must be letters"),
+        ({"id": 7, "documents": []}, "inline message: id 7 must be letters"),
+    ],
+)
+def test_bad_bodies_are_message_errors_naming_the_problem(body: Any, error: str) -> None:
+    with pytest.raises(MessageError, match=re.escape(error)):
+        parse(body)
