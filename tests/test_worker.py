@@ -5,6 +5,7 @@ another worker; two workers sharing a queue; metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -20,8 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchjob.config import CompileSpec, WorkerSpec
-from batchjob.worker import work
+from batchjob.engine import Engine
+from batchjob.metrics import WorkerMetrics
+from batchjob.queue import SqsQueue
+from batchjob.replica_process import plan_placements
+from batchjob.replicas import ReplicaPool
+from batchjob.storage import Storage
+from batchjob.worker import Summary, Worker, work
 from tests.conftest import CompileFn, make_texts
+from tests.replica_fakes import Toy
 from tests.s3_server import (  # noqa: F401  (fixtures)
     Bucket,
     Fault,
@@ -344,3 +352,35 @@ def test_bad_worker_invocations_are_one_line_exit_2(
     code, out, err = invoke(worker_argv(artifact, queue, bucket, *flags), capsys)
     assert_usage_error(code, out, err, (needle,))
     assert queue.receive() != []  # nothing was received
+
+
+def test_replicas_that_keep_dying_stop_the_worker_and_release_its_messages(
+    compiled: CompileFn, classifier_dir: Path, bucket: Bucket, queues: Queues
+) -> None:
+    """In-process, with a stand-in model that kills its replica on every batch (each holds
+    the [CLS] id 101): the pool gives up, the worker fails the message it was working on,
+    releases the others, and reports why (the CLI then exits 1)."""
+    artifact = compiled(classifier_dir)
+    queue = queues.make()
+    for i in range(3):
+        queue.send({"id": f"doomed-{i}", "documents": [{"text": "hello"}]})
+    spec = WorkerSpec(
+        queue=queue.url, output=bucket.uri("out/"), compile=CompileSpec(model=artifact.path)
+    )
+
+    async def main() -> tuple[Summary, str | None]:
+        async with SqsQueue(queue.url) as sqs, Storage() as storage:
+            pool = ReplicaPool(Toy(die_on=101), plan_placements(1, 1, "cpu"))
+            async with pool, Engine(artifact, pool) as engine:
+                worker = Worker(spec, sqs, storage, engine, pool, WorkerMetrics())
+                return await asyncio.wait_for(worker.run(), 120), worker.fatal
+
+    summary, fatal = asyncio.run(main())
+    assert fatal is not None
+    assert "the replicas failed" in fatal
+    # Each made visible again: failed (those in the doomed batches), or released (any
+    # received later; the long poll in progress at the stop may take failed ones back).
+    assert summary.failed >= 1
+    assert summary.done == 0
+    assert bucket.keys("out/") == []
+    assert len(queue.receive()) == 3  # every message visible again at once
