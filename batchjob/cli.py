@@ -95,6 +95,21 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_replica_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument("--replicas", type=_integer, default=S, help="default: one per core")
+    p.add_argument("--cores-per-replica", type=_integer, default=S, help="default 1")
+    p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
+    p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
+
+
+def _add_record_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument("--text-field", default=S, help="field holding the text (text)")
+    p.add_argument("--text-pair-field", default=S, help="field holding the second text of a pair")
+    p.add_argument("--id-field", default=S, help="field holding the record id (id)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchjob", description="Batch inference for Hugging Face encoders.")
     parser.add_argument("--log-level", default="INFO", type=_log_level, help="DEBUG, INFO...")
@@ -108,37 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("run", help="run a model over shards (local or S3), write Parquet")
     p.add_argument("--job", default=S, help="YAML job file with the same fields; flags override")
     _add_model_options(p)
+    _add_replica_options(p)
     p.add_argument("--input", default=S, help="a shard or a directory of shards, or s3://b/p/")
     p.add_argument("--input-manifest", default=S, help="instead of --input: a list of shards")
     p.add_argument("--max-shards-in-flight", type=_integer, default=S, help="open at once (8)")
     p.add_argument("--output", default=S, help="directory or s3:// prefix for the outputs")
     p.add_argument("--format", default=S, help="auto (by extension), jsonl, csv, parquet, txt")
-    p.add_argument("--text-field", default=S, help="field holding the text (text)")
-    p.add_argument("--text-pair-field", default=S, help="field holding the second text of a pair")
-    p.add_argument("--id-field", default=S, help="field holding the record id (id)")
+    _add_record_options(p)
     p.add_argument("--resume", action="store_true", default=S, help="skip shards already done")
-    p.add_argument("--replicas", type=_integer, default=S, help="default: one per core")
-    p.add_argument("--cores-per-replica", type=_integer, default=S, help="default 1")
     p.add_argument("--sort-window", type=_integer, default=S, help="records (4096)")
     p.add_argument("--chunk-size", type=_integer, default=S, help="records read at a time")
-    p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
-    p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
     p.add_argument("--progress", default=S, help="auto, bar, log, none")
 
     p = commands.add_parser("serve", help="the SageMaker Batch Transform container (HTTP)")
     _add_model_options(p)  # --model defaults to /opt/ml/model; see serve_config.py for env
+    _add_replica_options(p)
     p.add_argument("--host", default=S, help="address to listen on (0.0.0.0)")
     p.add_argument("--port", type=_integer, default=S, help="SAGEMAKER_BIND_TO_PORT or 8080")
-    p.add_argument("--replicas", type=_integer, default=S, help="default: one per core")
-    p.add_argument("--cores-per-replica", type=_integer, default=S, help="default 1")
     p.add_argument("--max-batch-delay-ms", type=float, default=S, help="partial batch wait (5)")
     p.add_argument("--text-field", default=S, help="jsonlines/csv field with the text (inputs)")
     p.add_argument("--drain-seconds", type=float, default=S, help="on SIGTERM (25)")
-    p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
-    p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
 
     p = commands.add_parser("worker", help="consume an SQS queue, write Parquet to S3")
     _add_model_options(p)
+    _add_replica_options(p)
     p.add_argument("--queue", default=S, help="SQS queue URL (or name)")
     p.add_argument("--output", default=S, help="s3:// prefix for results (job messages may differ)")
     p.add_argument("--exit-when-idle", type=float, default=S, help="seconds with no message: exit")
@@ -147,13 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default=S, help="address for --metrics-port (0.0.0.0)")
     p.add_argument("--max-batch-delay-ms", type=float, default=S, help="partial batch wait (5)")
     p.add_argument("--max-messages-in-flight", type=_integer, default=S, help="at once (16)")
-    p.add_argument("--replicas", type=_integer, default=S, help="default: one per core")
-    p.add_argument("--cores-per-replica", type=_integer, default=S, help="default 1")
-    p.add_argument("--text-field", default=S, help="field holding the text (text)")
-    p.add_argument("--text-pair-field", default=S, help="field holding the second text of a pair")
-    p.add_argument("--id-field", default=S, help="field holding the record id (id)")
-    p.add_argument("--replica-start-timeout", type=float, default=S, help="seconds (300)")
-    p.add_argument("--cache-dir", default=S, help="where compiled plain models are kept")
+    _add_record_options(p)
     return parser
 
 

@@ -175,21 +175,13 @@ class RunSpec:
         _require(bool(self.output), "--output is required")
         _choice("--format", self.format, ("auto", "jsonl", "csv", "parquet", "txt"))
         _choice("--progress", self.progress, ("auto", "bar", "log", "none"))
-        _require(
-            self.replicas is None or self.replicas >= 1,
-            f"--replicas must be ≥ 1, got {self.replicas}",
-        )
+        check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
         for flag, value in (
-            ("--cores-per-replica", self.cores_per_replica),
             ("--sort-window", self.sort_window),
             ("--chunk-size", self.chunk_size),
             ("--max-shards-in-flight", self.max_shards_in_flight),
         ):
             _require(value >= 1, f"{flag} must be ≥ 1, got {value}")
-        _require(
-            self.replica_start_timeout > 0,
-            f"--replica-start-timeout must be > 0, got {self.replica_start_timeout}",
-        )
         if not self.cache_dir:
             object.__setattr__(self, "cache_dir", default_cache_dir())
 
@@ -233,20 +225,21 @@ class WorkerSpec:
             f"--max-batch-delay-ms must be 0..10000, got {self.max_batch_delay_ms:g}",
         )
         _require(
-            self.replicas is None or self.replicas >= 1,
-            f"--replicas must be ≥ 1, got {self.replicas}",
+            self.max_messages_in_flight >= 1,
+            f"--max-messages-in-flight must be ≥ 1, got {self.max_messages_in_flight}",
         )
-        for flag, value in (
-            ("--max-messages-in-flight", self.max_messages_in_flight),
-            ("--cores-per-replica", self.cores_per_replica),
-        ):
-            _require(value >= 1, f"{flag} must be ≥ 1, got {value}")
-        _require(
-            self.replica_start_timeout > 0,
-            f"--replica-start-timeout must be > 0, got {self.replica_start_timeout}",
-        )
+        check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
         if not self.cache_dir:
             object.__setattr__(self, "cache_dir", default_cache_dir())
+
+
+def check_replica_options(
+    replicas: int | None, cores_per_replica: int, start_timeout: float
+) -> None:
+    """The flags every command that starts replicas shares."""
+    _require(replicas is None or replicas >= 1, f"--replicas must be ≥ 1, got {replicas}")
+    _require(cores_per_replica >= 1, f"--cores-per-replica must be ≥ 1, got {cores_per_replica}")
+    _require(start_timeout > 0, f"--replica-start-timeout must be > 0, got {start_timeout}")
 
 
 def default_cache_dir() -> str:

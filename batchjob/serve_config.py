@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batchjob.config import CompileSpec, default_cache_dir
+from batchjob.config import CompileSpec, check_replica_options, default_cache_dir
 from batchjob.errors import UsageError
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
@@ -53,14 +53,7 @@ class ServeSpec:
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
-        _require(
-            self.replicas is None or self.replicas >= 1,
-            f"--replicas must be ≥ 1, got {self.replicas}",
-        )
-        _require(
-            self.cores_per_replica >= 1,
-            f"--cores-per-replica must be ≥ 1, got {self.cores_per_replica}",
-        )
+        check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
         _require(
             0 <= self.max_batch_delay_ms <= 10_000,
             f"--max-batch-delay-ms must be 0..10000, got {self.max_batch_delay_ms:g}",
@@ -72,10 +65,6 @@ class ServeSpec:
         )
         _require(bool(self.text_field), "--text-field must not be empty")
         _require(self.drain_seconds >= 0, f"--drain-seconds must be ≥ 0, got {self.drain_seconds}")
-        _require(
-            self.replica_start_timeout > 0,
-            f"--replica-start-timeout must be > 0, got {self.replica_start_timeout}",
-        )
         if not self.cache_dir:
             object.__setattr__(self, "cache_dir", default_cache_dir())
 

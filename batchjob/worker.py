@@ -2,7 +2,8 @@
 
     receive (long poll, ≤ max in flight) ─► one task per message:
         heartbeat: extend its visibility before it lapses (up to SQS's 12-hour ceiling)
-        work: parse (messages.py) ─► shards ─► Engine.infer ─► writer ─► commit ─► delete
+        work: parse (messages.py) ─► executor.py: shards ─► Engine.infer ─► Parquet, each
+              output committed once ─► delete
 
 The documents of every message in progress share the engine's fixed-shape batches. A
 message is deleted only once its outputs are committed; an output is written at most once
@@ -22,67 +23,26 @@ import asyncio
 import contextlib
 import logging
 import os
-import posixpath
 import signal
 import time
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from batchjob.config import WorkerSpec
-from batchjob.engine import Engine, Result, start_engine
+from batchjob.engine import Engine, start_engine
 from batchjob.errors import BatchJobError, UsageError
-from batchjob.messages import InlineWork, JobWork, ObjectWork, Work, parse_message
+from batchjob.executor import Counts, Executor
+from batchjob.messages import ObjectWork, Work, parse_message
 from batchjob.metrics import WorkerMetrics
 from batchjob.queue import MAX_WAIT_SECONDS, Message, QueueError, SqsQueue
-from batchjob.records import (
-    Fields,
-    Record,
-    detect_format,
-    is_gzip,
-    read_records,
-    records_from_objects,
-)
 from batchjob.replicas import ReplicaPool
-from batchjob.s3 import S3Url, is_s3
-from batchjob.sinks import OutputWriter, Row, output_schema, row_columns
-from batchjob.storage import ShardRef, Storage
-from batchjob.tasks import task_fields
+from batchjob.storage import Storage
 
 log = logging.getLogger("batchjob.worker")
 
-CHUNK_RECORDS = 256  # records per Engine.infer call
-CHUNKS_IN_FLIGHT = 4  # per shard: results are written in order as the oldest chunk finishes
-ROWS_PER_WRITE = 4096  # rows per Parquet row group
-SHARDS_IN_FLIGHT = 4  # per job message naming a prefix
 THROUGHPUT_LOG_SECONDS = 30.0
 RECEIVE_BACKOFF_SECONDS = 5.0  # after a ReceiveMessage that failed past botocore's retries
 CLOCK_MARGIN = 5.0  # seconds: our receipt time trails SQS's
-
-
-@dataclass
-class Counts:
-    """What a message's work produced."""
-
-    what: str = ""  # the work: its input → its output
-    outputs: int = 0  # written by us
-    existing: int = 0  # there already (a duplicate delivery, or another worker's)
-    documents: int = 0
-    errors: int = 0
-
-    def add(self, other: Counts) -> None:
-        self.outputs += other.outputs
-        self.existing += other.existing
-        self.documents += other.documents
-        self.errors += other.errors
-
-    def __str__(self) -> str:
-        existing = f", {self.existing} existed already" if self.existing else ""
-        return (
-            f"{self.what}: {self.outputs} output(s) written{existing}, {self.documents} "
-            f"documents, {self.errors} error rows"
-        )
 
 
 @dataclass
@@ -113,15 +73,12 @@ class Worker:
         pool: ReplicaPool,
         metrics: WorkerMetrics,
     ) -> None:
-        self.spec, self.queue, self.storage = spec, queue, storage
+        self.spec, self.queue = spec, queue
         self.engine, self.pool, self.metrics = engine, pool, metrics
-        self.schema = output_schema(engine.artifact.task)
-        self.task_names = [f.name for f in task_fields(engine.artifact.task)]
-        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
+        self.executor = Executor(spec, storage, engine)
         self.visibility = max(1, queue.visibility_timeout)
         self.heartbeat = max(0.5, self.visibility / 3)
         self.summary = Summary()
-        self.inferred = 0  # documents with results so far: the throughput log's count
         self.fatal: str | None = None  # the replicas gave up: stop, release, exit 1
         self._tasks: dict[asyncio.Task[None], Message] = {}
         self._slot_free = asyncio.Event()
@@ -228,7 +185,7 @@ class Worker:
         last_documents, last = 0, time.monotonic()
         while True:
             await asyncio.sleep(THROUGHPUT_LOG_SECONDS)
-            now, documents = time.monotonic(), self.inferred
+            now, documents = time.monotonic(), self.executor.inferred
             if documents != last_documents or self._tasks:
                 stats = self.engine.stats
                 fill = stats.real_tokens / stats.compiled_tokens if stats.compiled_tokens else 0
@@ -320,131 +277,11 @@ class Worker:
         """The message's work, done: its counts; None when it asks for nothing."""
         works: list[Work] = []
         for work in parse_message(message.body, message.id):
-            if isinstance(work, ObjectWork) and self._own_output(work.url):
+            if isinstance(work, ObjectWork) and self.executor.own_output(work.url):
                 log.info("message %s: %s is its own output: ignored", message.id, work.url)
             else:
                 works.append(work)
-        if not works:
-            return None
-        counts = Counts(what="; ".join(self._describe(work) for work in works))
-        for work in works:
-            if isinstance(work, InlineWork):
-                counts.add(await self._inline(work))
-            elif isinstance(work, ObjectWork):
-                counts.add(await self._object(work.url, work.output or self.spec.output))
-            else:
-                counts.add(await self._job(work))
-        return counts
-
-    def _describe(self, work: Work) -> str:
-        if isinstance(work, InlineWork):
-            return f"{len(work.documents)} inline documents → inline/{work.id}.parquet"
-        source = str(work.url) if isinstance(work, ObjectWork) else work.input
-        return f"{source} → {work.output or self.spec.output}"
-
-    def _own_output(self, url: S3Url) -> bool:
-        """An event for one of our outputs (notifications on the output's bucket): to work on
-        it would write an output of the output, and so on, forever."""
-        if not is_s3(self.spec.output):
-            return False
-        output = S3Url.parse(self.spec.output)
-        return url.bucket == output.bucket and url.key.startswith(output.prefix)
-
-    async def _object(self, url: S3Url, output: str) -> Counts:
-        """One object → `<output>/<key without extension>.parquet`."""
-        name = posixpath.basename(url.key)
-        ref = ShardRef(str(url), url.key, detect_format(name), is_gzip(name))
-        return await self._shard(ref, output)
-
-    async def _job(self, work: JobWork) -> Counts:
-        output = work.output or self.spec.output
-        shards = await self.storage.list_shards(work.input, exclude=output, label="job input")
-        if len(shards) == 1 and shards[0].path == work.input:  # an object, not a prefix
-            return await self._object(S3Url.parse(work.input), output)
-        done = await self.storage.prepare_output(output, list_existing=True)
-        counts = Counts(existing=sum(s.output_rel in done for s in shards))
-        todo = [s for s in shards if s.output_rel not in done]
-        limit = asyncio.Semaphore(SHARDS_IN_FLIGHT)
-
-        async def one(ref: ShardRef) -> None:
-            async with limit:
-                counts.add(await self._shard(ref, output))
-
-        async with asyncio.TaskGroup() as group:
-            for ref in todo:
-                group.create_task(one(ref))
-        return counts
-
-    async def _inline(self, work: InlineWork) -> Counts:
-        rel = f"inline/{work.id}.parquet"
-        if await self.storage.output_exists(self.spec.output, rel):
-            return Counts(existing=1)
-        records = records_from_objects(work.documents, f"inline/{work.id}", self.fields)
-        writer = await self.storage.writer(self.spec.output, rel, self.schema)
-        return await self._write(writer, _chunked(records))
-
-    async def _shard(self, ref: ShardRef, output: str) -> Counts:
-        if await self.storage.output_exists(output, ref.output_rel):
-            return Counts(existing=1)
-        stream = await self.storage.open(ref)
-        try:
-            reader = read_records(
-                stream, ref.format, ref.rel, self.fields, gzip=ref.gzip, chunk_size=CHUNK_RECORDS
-            )
-            writer = await self.storage.writer(output, ref.output_rel, self.schema)
-            return await self._write(writer, reader, threaded=True)
-        finally:
-            stream.close()
-
-    async def _write(
-        self, writer: OutputWriter, chunks: Iterator[list[Record]], *, threaded: bool = False
-    ) -> Counts:
-        """Chunks of records → the engine (a few chunks in flight) → rows in order → commit."""
-        counts = Counts()
-        pending: deque[tuple[list[Record], asyncio.Task[list[Result]]]] = deque()
-        rows: list[Row] = []
-
-        async def oldest_done() -> None:
-            records, task = pending.popleft()
-            results = await task
-            self.inferred += len(results)
-            for record, result in zip(records, results, strict=True):
-                rows.append((record.id, result.values, result.truncated, result.error))
-                counts.errors += result.error is not None
-            if len(rows) >= ROWS_PER_WRITE or not pending:
-                writer.write(row_columns(self.task_names, rows))
-                counts.documents += len(rows)
-                rows.clear()
-
-        try:
-            while True:
-                if threaded:  # a shard's reader: parsing, and maybe gunzip
-                    records = await asyncio.to_thread(next, chunks, None)
-                else:
-                    records = next(chunks, None)
-                if records is None:
-                    break
-                pending.append((records, asyncio.create_task(self.engine.infer(records))))
-                if len(pending) >= CHUNKS_IN_FLIGHT:
-                    await oldest_done()
-            while pending:
-                await oldest_done()
-        except BaseException:
-            for _, task in pending:
-                task.cancel()
-            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
-            writer.abort()
-            raise
-        if await writer.commit():
-            counts.outputs = 1
-        else:
-            counts.existing = 1
-        return counts
-
-
-def _chunked(records: list[Record]) -> Iterator[list[Record]]:
-    for start in range(0, len(records), CHUNK_RECORDS):
-        yield records[start : start + CHUNK_RECORDS]
+        return await self.executor.do(works) if works else None
 
 
 # -- the command ----------------------------------------------------------------------------

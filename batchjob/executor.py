@@ -1,0 +1,195 @@
+"""A message's work, done: S3 objects, prefixes and inline documents → the engine → Parquet
+outputs, each written once.
+
+Records stream from each shard in chunks; a few chunks per shard are in the engine at a
+time (where they share batches with every other message's), and rows reach the output in
+input order as the oldest chunk finishes. Before any work, an output that exists already is
+looked for (a HEAD): a redelivered message costs nothing else. Publishing is `run`'s
+(sinks.py: a temp file, then one conditional upload), so two workers racing on one message
+write one object, and the second counts it as existing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from batchjob.config import WorkerSpec
+from batchjob.engine import Engine, Result
+from batchjob.messages import InlineWork, JobWork, ObjectWork, Work
+from batchjob.records import (
+    Fields,
+    Record,
+    detect_format,
+    is_gzip,
+    read_records,
+    records_from_objects,
+)
+from batchjob.s3 import S3Url, is_s3
+from batchjob.sinks import OutputWriter, Row, output_schema, row_columns
+from batchjob.storage import ShardRef, Storage
+from batchjob.tasks import task_fields
+
+CHUNK_RECORDS = 256  # records per Engine.infer call
+CHUNKS_IN_FLIGHT = 4  # per shard: results are written in order as the oldest chunk finishes
+ROWS_PER_WRITE = 4096  # rows per Parquet row group
+SHARDS_IN_FLIGHT = 4  # per job message naming a prefix
+
+
+@dataclass
+class Counts:
+    """What a message's work produced."""
+
+    what: str = ""  # the work: its input → its output
+    outputs: int = 0  # written by us
+    existing: int = 0  # there already (a duplicate delivery, or another worker's)
+    documents: int = 0
+    errors: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.outputs += other.outputs
+        self.existing += other.existing
+        self.documents += other.documents
+        self.errors += other.errors
+
+    def __str__(self) -> str:
+        existing = f", {self.existing} existed already" if self.existing else ""
+        return (
+            f"{self.what}: {self.outputs} output(s) written{existing}, {self.documents} "
+            f"documents, {self.errors} error rows"
+        )
+
+
+class Executor:
+    """Does the work messages ask for, with the worker's engine and storage."""
+
+    def __init__(self, spec: WorkerSpec, storage: Storage, engine: Engine) -> None:
+        self.spec, self.storage, self.engine = spec, storage, engine
+        self.schema = output_schema(engine.artifact.task)
+        self.task_names = [f.name for f in task_fields(engine.artifact.task)]
+        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
+        self.inferred = 0  # documents with results so far: for the throughput log
+
+    async def do(self, works: list[Work]) -> Counts:
+        counts = Counts(what="; ".join(self.describe(work) for work in works))
+        for work in works:
+            if isinstance(work, InlineWork):
+                counts.add(await self._inline(work))
+            elif isinstance(work, ObjectWork):
+                counts.add(await self._object(work.url, work.output or self.spec.output))
+            else:
+                counts.add(await self._job(work))
+        return counts
+
+    def describe(self, work: Work) -> str:
+        if isinstance(work, InlineWork):
+            return f"{len(work.documents)} inline documents → inline/{work.id}.parquet"
+        source = str(work.url) if isinstance(work, ObjectWork) else work.input
+        return f"{source} → {work.output or self.spec.output}"
+
+    def own_output(self, url: S3Url) -> bool:
+        """An event for one of our outputs (notifications on the output's bucket): to work on
+        it would write an output of the output, and so on, forever."""
+        if not is_s3(self.spec.output):
+            return False
+        output = S3Url.parse(self.spec.output)
+        return url.bucket == output.bucket and url.key.startswith(output.prefix)
+
+    async def _object(self, url: S3Url, output: str) -> Counts:
+        """One object → `<output>/<key without extension>.parquet`."""
+        name = posixpath.basename(url.key)
+        ref = ShardRef(str(url), url.key, detect_format(name), is_gzip(name))
+        return await self._shard(ref, output)
+
+    async def _job(self, work: JobWork) -> Counts:
+        output = work.output or self.spec.output
+        shards = await self.storage.list_shards(work.input, exclude=output, label="job input")
+        if len(shards) == 1 and shards[0].path == work.input:  # an object, not a prefix
+            return await self._object(S3Url.parse(work.input), output)
+        done = await self.storage.prepare_output(output, list_existing=True)
+        counts = Counts(existing=sum(s.output_rel in done for s in shards))
+        todo = [s for s in shards if s.output_rel not in done]
+        limit = asyncio.Semaphore(SHARDS_IN_FLIGHT)
+
+        async def one(ref: ShardRef) -> None:
+            async with limit:
+                counts.add(await self._shard(ref, output))
+
+        async with asyncio.TaskGroup() as group:
+            for ref in todo:
+                group.create_task(one(ref))
+        return counts
+
+    async def _inline(self, work: InlineWork) -> Counts:
+        rel = f"inline/{work.id}.parquet"
+        if await self.storage.output_exists(self.spec.output, rel):
+            return Counts(existing=1)
+        records = records_from_objects(work.documents, f"inline/{work.id}", self.fields)
+        writer = await self.storage.writer(self.spec.output, rel, self.schema)
+        return await self._write(writer, _chunked(records))
+
+    async def _shard(self, ref: ShardRef, output: str) -> Counts:
+        if await self.storage.output_exists(output, ref.output_rel):
+            return Counts(existing=1)
+        stream = await self.storage.open(ref)
+        try:
+            reader = read_records(
+                stream, ref.format, ref.rel, self.fields, gzip=ref.gzip, chunk_size=CHUNK_RECORDS
+            )
+            writer = await self.storage.writer(output, ref.output_rel, self.schema)
+            return await self._write(writer, reader, threaded=True)
+        finally:
+            stream.close()
+
+    async def _write(
+        self, writer: OutputWriter, chunks: Iterator[list[Record]], *, threaded: bool = False
+    ) -> Counts:
+        """Chunks of records → the engine (a few chunks in flight) → rows in order → commit."""
+        counts = Counts()
+        pending: deque[tuple[list[Record], asyncio.Task[list[Result]]]] = deque()
+        rows: list[Row] = []
+
+        async def oldest_done() -> None:
+            records, task = pending.popleft()
+            results = await task
+            self.inferred += len(results)
+            for record, result in zip(records, results, strict=True):
+                rows.append((record.id, result.values, result.truncated, result.error))
+                counts.errors += result.error is not None
+            if len(rows) >= ROWS_PER_WRITE or not pending:
+                writer.write(row_columns(self.task_names, rows))
+                counts.documents += len(rows)
+                rows.clear()
+
+        try:
+            while True:
+                if threaded:  # a shard's reader: parsing, and maybe gunzip
+                    records = await asyncio.to_thread(next, chunks, None)
+                else:
+                    records = next(chunks, None)
+                if records is None:
+                    break
+                pending.append((records, asyncio.create_task(self.engine.infer(records))))
+                if len(pending) >= CHUNKS_IN_FLIGHT:
+                    await oldest_done()
+            while pending:
+                await oldest_done()
+        except BaseException:
+            for _, task in pending:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
+            writer.abort()
+            raise
+        if await writer.commit():
+            counts.outputs = 1
+        else:
+            counts.existing = 1
+        return counts
+
+
+def _chunked(records: list[Record]) -> Iterator[list[Record]]:
+    for start in range(0, len(records), CHUNK_RECORDS):
+        yield records[start : start + CHUNK_RECORDS]
