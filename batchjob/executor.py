@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from batchjob.config import WorkerSpec
 from batchjob.engine import Engine, Result
+from batchjob.errors import BatchJobError
 from batchjob.messages import InlineWork, JobWork, ObjectWork, Work
 from batchjob.records import (
     Fields,
@@ -113,14 +114,23 @@ class Executor:
         counts = Counts(existing=sum(s.output_rel in done for s in shards))
         todo = [s for s in shards if s.output_rel not in done]
         limit = asyncio.Semaphore(SHARDS_IN_FLIGHT)
+        failed: list[str] = []
 
         async def one(ref: ShardRef) -> None:
+            # A shard that fails doesn't stop the others: their outputs are committed, and
+            # the message's next delivery skips them.
             async with limit:
-                counts.add(await self._shard(ref, output))
+                try:
+                    counts.add(await self._shard(ref, output))
+                except (BatchJobError, OSError) as e:
+                    failed.append(f"{ref.rel}: {e}")
 
-        async with asyncio.TaskGroup() as group:
-            for ref in todo:
-                group.create_task(one(ref))
+        await asyncio.gather(*(one(ref) for ref in todo))
+        if failed:
+            raise BatchJobError(
+                f"{len(failed)} of {len(todo)} shards failed ({counts.outputs} written): "
+                + "; ".join(failed[:3])
+            )
         return counts
 
     async def _inline(self, work: InlineWork) -> Counts:

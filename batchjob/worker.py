@@ -207,7 +207,9 @@ class Worker:
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
             raise
-        except (BatchJobError, OSError) as e:
+        except Exception as e:  # this message fails; the worker goes on
+            if not isinstance(e, BatchJobError | OSError):  # not foreseen: a bug, or a library's
+                log.error("message %s: unexpected %r", message.id, e, exc_info=e)
             await self._failed(message, e)
             return
         seconds = time.monotonic() - message.received

@@ -384,3 +384,18 @@ def test_replicas_that_keep_dying_stop_the_worker_and_release_its_messages(
     assert summary.done == 0
     assert bucket.keys("out/") == []
     assert len(queue.receive()) == 3  # every message visible again at once
+
+
+def test_a_prefix_with_an_unreadable_shard_fails_but_keeps_the_good_outputs(
+    artifact: str, bucket: Bucket, queues: Queues, tmp_path: Path
+) -> None:
+    queue = queues.make(max_receive_count=1)
+    assert queue.dlq is not None
+    bucket.put_many({"in/good.jsonl": jsonl("g", 6, 12), "in/bad.jsonl.gz": b"not gzip at all"})
+    queue.send({"input": bucket.uri("in/")})
+    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
+        assert worker.finish() == 0, worker.log()
+    assert "1 of 2 shards failed (1 written): bad.jsonl.gz: " in worker.log()
+    assert "corrupt gzip" in worker.log()
+    assert bucket.keys("out/") == ["out/good.parquet"]
+    wait_until(lambda: queue.dlq is not None and queue.dlq.depth() == 1, 30, "moved to the DLQ")
