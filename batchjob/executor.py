@@ -80,7 +80,7 @@ class Executor:
             if isinstance(work, InlineWork):
                 counts.add(await self._inline(work))
             elif isinstance(work, ObjectWork):
-                counts.add(await self._object(work.url, work.output or self.spec.output))
+                counts.add(await self._object(work.url, self.spec.output))
             else:
                 counts.add(await self._job(work))
         return counts
@@ -88,8 +88,9 @@ class Executor:
     def describe(self, work: Work) -> str:
         if isinstance(work, InlineWork):
             return f"{len(work.documents)} inline documents → inline/{work.id}.parquet"
-        source = str(work.url) if isinstance(work, ObjectWork) else work.input
-        return f"{source} → {work.output or self.spec.output}"
+        if isinstance(work, ObjectWork):
+            return f"{work.url} → {self.spec.output}"
+        return f"{work.input} → {work.output or self.spec.output}"
 
     def own_output(self, url: S3Url) -> bool:
         """An event for one of our outputs (notifications on the output's bucket): to work on

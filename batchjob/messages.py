@@ -34,7 +34,6 @@ class ObjectWork:
     """One S3 object: its results go to `<output>/<key without extension>.parquet`."""
 
     url: S3Url
-    output: str | None = None  # None: the worker's --output
 
 
 @dataclass(frozen=True, slots=True)
