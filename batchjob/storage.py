@@ -285,10 +285,19 @@ class Storage:
         return set()
 
     async def output_exists(self, output: str, rel: str) -> bool:
-        """Whether `<output>/<rel>` is published already (a HEAD on S3)."""
+        """Whether `<output>/<rel>` is published already (a HEAD on S3). Without
+        s3:ListBucket, S3 answers a missing key 403, not 404: then False (unknown), and the
+        conditional upload still keeps the output single."""
         if not is_s3(output):
             return _is_file(os.path.join(output, rel))
-        return await (await self.s3()).head(S3Url.parse(output).join(rel)) is not None
+        url = S3Url.parse(output).join(rel)
+        try:
+            return await (await self.s3()).head(url) is not None
+        except S3Error as e:
+            if e.status != 403:
+                raise
+            log.debug("HEAD %s: 403, taken as not there yet", url)
+            return False
 
     async def writer(self, output: str, rel: str, schema: pa.Schema) -> OutputWriter:
         """Where a shard's rows go: `<output>/<rel>`, published whole on commit."""

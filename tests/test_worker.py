@@ -399,3 +399,18 @@ def test_a_prefix_with_an_unreadable_shard_fails_but_keeps_the_good_outputs(
     assert "corrupt gzip" in worker.log()
     assert bucket.keys("out/") == ["out/good.parquet"]
     wait_until(lambda: queue.dlq is not None and queue.dlq.depth() == 1, 30, "moved to the DLQ")
+
+
+def test_a_head_refused_403_without_list_permission_still_does_the_work(
+    artifact: str, bucket: Bucket, queues: Queues, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Without s3:ListBucket on the output, S3 answers a missing key's HEAD with 403."""
+    proxy.faults.append(Fault("HEAD", "/out/w.parquet", status=403, code="AccessDenied"))
+    bucket.put("w.jsonl", jsonl("w", 4, 13))
+    queue = queues.make()
+    queue.send({"input": bucket.uri("w.jsonl")})
+    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
+        assert worker.finish() == 0, worker.log()
+    assert proxy.seen("HEAD", "/out/w.parquet")
+    assert table(bucket, "out/w.parquet").num_rows == 4
+    assert queue.depth() == 0
