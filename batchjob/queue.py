@@ -88,7 +88,9 @@ class SqsQueue:
             )["Attributes"]
         except (ClientError, BotoCoreError) as e:
             await self._stack.aclose()
-            raise UsageError(f"--queue {self.url}: {_error(call, e)}") from None
+            # No such queue, no access: a bad invocation. No answer at all: a failure (exit 1).
+            error = UsageError if isinstance(e, ClientError) else QueueError
+            raise error(f"--queue {self.url}: {_error(call, e)}") from None
         self.visibility_timeout = int(attributes.get("VisibilityTimeout", 30))
         if policy := attributes.get("RedrivePolicy"):
             with contextlib.suppress(ValueError, TypeError, KeyError):
