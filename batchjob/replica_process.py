@@ -1,7 +1,8 @@
-"""One replica process: where it runs (its placement) and its main loop.
+"""One replica process: its main loop.
 
-The process is spawned by the pool in `replicas.py`; it pins itself, loads the model once
-through a picklable loader, reports ready, then answers batches until told to stop.
+The process is spawned by the pool in `replicas.py`; it applies its placement (planned in
+`cores.py`), loads the model once through a picklable loader, reports ready, then answers
+batches until told to stop.
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ import contextlib
 import os
 import signal
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Protocol
 
 import numpy as np
+
+from batchjob.cores import Placement, plan_placements
+
+# Placement and plan_placements live in cores.py; the runner, worker and server import them
+# from here.
+__all__ = ["Loader", "Placement", "Predict", "plan_placements", "replica_main"]
 
 
 class Predict(Protocol):
@@ -23,37 +29,6 @@ class Predict(Protocol):
 
 class Loader(Protocol):  # picklable (a module-level frozen dataclass); runs in the replica
     def __call__(self) -> Predict: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    index: int
-    cpus: tuple[int, ...]
-    neuron_cores: str | None = None  # NEURON_RT_VISIBLE_CORES: "2" or "2-3"
-
-
-def plan_placements(replicas: int | None, cores_per_replica: int, device: str) -> list[Placement]:
-    """One placement per replica: CPU ids to pin to, and NeuronCores on Neuron devices."""
-    if cores_per_replica < 1:
-        raise ValueError(f"--cores-per-replica must be ≥ 1, got {cores_per_replica}")
-    if replicas is not None and replicas < 1:
-        raise ValueError(f"--replicas must be ≥ 1, got {replicas}")
-    available = sorted(os.sched_getaffinity(0))
-    k = cores_per_replica
-    if device == "cpu":
-        m, n = len(available), replicas or max(1, len(available) // k)
-        # More replicas (or cores) than CPUs wrap around: allowed, the CPUs are then shared.
-        cpus = [
-            tuple(dict.fromkeys(available[(i * k + j) % m] for j in range(k))) for i in range(n)
-        ]
-        return [Placement(i, c) for i, c in enumerate(cpus)]
-    if device in ("neuron", "neuronx"):
-        # How many NeuronCores are visible is only known to the runtime: default to one replica.
-        return [
-            Placement(i, tuple(available), f"{i * k}" if k == 1 else f"{i * k}-{i * k + k - 1}")
-            for i in range(replicas or 1)
-        ]
-    raise ValueError(f"--device must be 'cpu' or 'neuron', got {device!r}")
 
 
 def replica_main(placement: Placement, loader: Loader, conn: Connection) -> None:
