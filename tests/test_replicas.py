@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from batchjob.errors import ReplicaError
-from batchjob.replica_process import Placement, plan_placements
+from batchjob.replica_process import Placement
 from batchjob.replicas import PoolState, ReplicaPool
 from tests.replica_fakes import Toy
 
@@ -230,40 +230,3 @@ def test_close_drains_in_flight_then_stops_by_the_deadline() -> None:
 
     asyncio.run(asyncio.wait_for(main(), 45))
     assert leftovers(before) == []
-
-
-def test_plan_placements_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {3, 1, 2, 0})
-    assert plan_placements(None, 1, "cpu") == [Placement(i, (i,)) for i in range(4)]
-    assert plan_placements(None, 2, "cpu") == [Placement(0, (0, 1)), Placement(1, (2, 3))]
-    assert plan_placements(None, 8, "cpu") == [Placement(0, (0, 1, 2, 3))]  # at least one
-    assert plan_placements(3, 2, "cpu") == [
-        Placement(0, (0, 1)),
-        Placement(1, (2, 3)),
-        Placement(2, (0, 1)),  # more replicas than cores wrap around: shared cores
-    ]
-
-
-def test_plan_placements_neuron(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
-    assert plan_placements(None, 1, "neuron") == [Placement(0, (0, 1), "0")]
-    assert plan_placements(2, 2, "neuron") == [
-        Placement(0, (0, 1), "0-1"),
-        Placement(1, (0, 1), "2-3"),
-    ]
-
-
-@pytest.mark.parametrize(
-    ("replicas", "cores", "device", "message"),
-    [
-        (None, 0, "cpu", "--cores-per-replica must be ≥ 1, got 0"),
-        (0, 1, "cpu", "--replicas must be ≥ 1, got 0"),
-        (-1, 1, "neuron", "--replicas must be ≥ 1, got -1"),
-        (1, 1, "gpu", "--device must be 'cpu' or 'neuron', got 'gpu'"),
-    ],
-)
-def test_plan_placements_rejects(
-    replicas: int | None, cores: int, device: str, message: str
-) -> None:
-    with pytest.raises(ValueError, match=message):
-        plan_placements(replicas, cores, device)
