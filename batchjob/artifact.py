@@ -1,29 +1,48 @@
 """The compiled artifact: a directory that `run`, `worker` and `serve` load.
 
 batchjob.json        task, backend, dtype, strategy, shapes (batch size per bucket),
-                     labels, pooling, library versions
+                     labels, pooling, library versions, and the SHA-256 of every other file
 graph_<S>.pt         one traced graph per compiled sequence length S
 tokenizer/           the tokenizer, saved with save_pretrained
 config.json          the model's config
+
+Loading checks every field and every checksum once, in the parent process, before anything
+starts; the replicas load only the graphs of that verified artifact and don't hash again.
+The checksums catch corruption and swapped files, not malice: whoever can write a graph can
+rewrite batchjob.json too, and a graph is code (TorchScript runs what it holds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 
+from batchjob.artifact_manifest import FORMAT_VERSION, MANIFEST, graph_name, read_manifest
 from batchjob.batching import Shape
-from batchjob.errors import UsageError
+from batchjob.errors import BatchJobError, UsageError
 from batchjob.replica_process import Predict
 
-MANIFEST = "batchjob.json"
-FORMAT_VERSION = 1
+log = logging.getLogger("batchjob.artifact")
+
 BUCKET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PACKED_INPUTS = ("input_ids", "position_ids", "token_type_ids", "segment_ids", "segment_index")
+
+# A file's identity without reading it: device, inode, size, mtime and ctime (ns). A write
+# changes mtime and ctime, so a file whose stamp is unchanged since it was hashed needs no
+# second hashing in this process; unless it was written so recently that a second write
+# could land in the same clock tick (the "racily clean" files of git): those are hashed again.
+Stamp = tuple[int, int, int, int, int]
+RACY_NS = 2_000_000_000  # coarser than any filesystem's timestamps (FAT's are 2 s)
+_verified: dict[str, tuple[frozenset[tuple[str, str]], dict[str, Stamp]]] = {}
+_verified_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -57,20 +76,17 @@ class Artifact:
         return os.path.join(self.path, graph_name(shape))
 
     def save(self) -> None:
-        data = asdict(self)
+        """Write batchjob.json, with the SHA-256 of every file now in the directory."""
+        data = {"format_version": FORMAT_VERSION, **asdict(self)}
         del data["path"]
-        data["format_version"] = FORMAT_VERSION
         data["shapes"] = [
             {"seq_len": s.seq_len, "batch_size": s.batch_size, "graph": graph_name(s)}
             for s in self.shapes
         ]
+        data["files"] = file_checksums(self.path)
         with open(os.path.join(self.path, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data, f, indent=2, ensure_ascii=False)
             f.write("\n")
-
-
-def graph_name(shape: Shape) -> str:
-    return f"graph_{shape.seq_len}.pt"
 
 
 def is_artifact(path: str) -> bool:
@@ -78,45 +94,129 @@ def is_artifact(path: str) -> bool:
 
 
 def load_artifact(path: str) -> Artifact:
-    manifest = os.path.join(path, MANIFEST)
-    try:
-        with open(manifest, encoding="utf-8") as f:
-            data: dict[str, Any] = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{manifest}: not a readable artifact manifest: {e}") from None
-    version = data.pop("format_version", None)
-    if version != FORMAT_VERSION:
-        raise UsageError(
-            f"{manifest}: artifact format {version}, this batchjob reads {FORMAT_VERSION}; "
-            "compile the model again"
-        )
-    try:
-        shapes = tuple(Shape(int(s["seq_len"]), int(s["batch_size"])) for s in data.pop("shapes"))
-        return Artifact(
-            path=path,
-            shapes=shapes,
-            labels=tuple(data.pop("labels", ())),
-            compiler_args=tuple(data.pop("compiler_args", ())),
-            **data,
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{manifest}: malformed: {e}") from None
+    """The artifact at `path`, its fields checked and its files verified (UsageError if not)."""
+    return _load_verified(path)[0]
 
 
-@dataclass(frozen=True)
+def _load_verified(path: str) -> tuple[Artifact, dict[str, Stamp]]:
+    manifest = read_manifest(path)
+    return Artifact(path=path, **manifest.fields), verify_files(path, manifest.files)
+
+
+def file_checksums(root: str) -> dict[str, str]:
+    """SHA-256 of every file under `root` but batchjob.json, by path relative to it."""
+    names = _files_under(root)
+    return dict(zip(names, _sha256_all(root, names), strict=True))
+
+
+def verify_files(root: str, expected: dict[str, str]) -> dict[str, Stamp]:
+    """Every listed file exists and has its checksum, and no file is left unlisted.
+    Returns the stamps of the files as verified."""
+    for name in sorted(expected):
+        if not os.path.isfile(os.path.join(root, name)):
+            raise UsageError(f"{os.path.join(root, name)}: missing (listed in {MANIFEST})")
+    for name in _files_under(root):
+        if name not in expected:
+            raise UsageError(
+                f"{os.path.join(root, name)}: not listed in {MANIFEST}; an artifact holds "
+                "only the files it lists"
+            )
+    names = sorted(expected)
+    stamped_at = time.time_ns()
+    stamps = {name: file_stamp(os.path.join(root, name)) for name in names}  # before hashing
+    key, listed = os.path.realpath(root), frozenset(expected.items())
+    with _verified_lock:
+        if _verified.get(key) == (listed, stamps):
+            return stamps
+    started = time.monotonic()
+    for name, digest in zip(names, _sha256_all(root, names), strict=True):
+        if digest != expected[name]:
+            raise UsageError(
+                f"{os.path.join(root, name)}: SHA-256 {digest[:12]}... does not match "
+                f"{MANIFEST} ({expected[name][:12]}...): not the file this artifact was "
+                "compiled with"
+            )
+    size = sum(stamp[2] for stamp in stamps.values())
+    log.debug(
+        "%.2fs verified the SHA-256 of %d files (%.1f MB) of %s",
+        time.monotonic() - started,
+        len(names),
+        size / 1e6,
+        root,
+    )
+    if all(stamp[3] < stamped_at - RACY_NS for stamp in stamps.values()):
+        with _verified_lock:
+            _verified[key] = (listed, stamps)
+    return stamps
+
+
+def file_stamp(path: str) -> Stamp:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _files_under(root: str) -> list[str]:
+    """Relative paths ('/'-separated) of the files under `root`, hidden ones and the
+    manifest left out."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            rel = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            if not name.startswith(".") and rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
+
+
+def _sha256_all(root: str, names: list[str]) -> list[str]:
+    """Streamed (files may be GBs), several files at once: hashlib releases the GIL."""
+    paths = [os.path.join(root, name) for name in names]
+    workers = min(len(paths), len(os.sched_getaffinity(0)), 8)
+    if workers <= 1:
+        return [_sha256(p) for p in paths]
+    with ThreadPoolExecutor(workers, thread_name_prefix="sha256") as pool:
+        return list(pool.map(_sha256, paths))
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@dataclass(frozen=True, init=False)
 class ArtifactLoader:
-    """Picklable: each replica process calls it once to load every graph of the artifact."""
+    """Picklable: made in the parent from the verified artifact; each replica process calls
+    it once to load exactly the graphs that artifact lists, without hashing them again."""
 
-    path: str
+    artifact: Artifact
+    graph_stamps: tuple[Stamp, ...]  # per shape: its graph's file as verified
+
+    def __init__(self, artifact: Artifact | str) -> None:
+        path = artifact if isinstance(artifact, str) else artifact.path
+        verified, stamps = _load_verified(path)  # no hashing if unchanged since verified
+        if isinstance(artifact, Artifact) and artifact != verified:
+            raise UsageError(f"{os.path.join(path, MANIFEST)}: changed since it was loaded")
+        object.__setattr__(self, "artifact", verified)
+        graph_stamps = tuple(stamps[graph_name(s)] for s in verified.shapes)
+        object.__setattr__(self, "graph_stamps", graph_stamps)
 
     def __call__(self) -> Predict:
         import torch
 
         from batchjob.backends import get_backend
 
-        artifact = load_artifact(self.path)
+        artifact = self.artifact
         backend = get_backend(artifact.backend)
-        graphs = {s.seq_len: backend.load(artifact.graph_path(s)) for s in artifact.shapes}
+        graphs = {}
+        for shape, stamp in zip(artifact.shapes, self.graph_stamps, strict=True):
+            path = artifact.graph_path(shape)
+            try:
+                same = file_stamp(path) == stamp
+            except OSError:
+                same = False
+            if not same:
+                raise BatchJobError(f"{path}: changed since the artifact was verified")
+            graphs[shape.seq_len] = backend.load(path)
         names = PACKED_INPUTS if artifact.strategy == "packing" else BUCKET_INPUTS
 
         def predict(arrays: dict[str, np.ndarray]) -> np.ndarray:

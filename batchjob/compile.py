@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from batchjob.artifact import PACKED_INPUTS, Artifact, is_artifact, load_artifact
+from batchjob.artifact_manifest import FORMAT_VERSION, graph_name
 from batchjob.backends import get_backend
 from batchjob.batching import Item, PackingBatcher, Shape
 from batchjob.config import (
@@ -31,6 +31,7 @@ from batchjob.config import (
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.graphs import EncoderGraph, position_offset, supports_packing
 from batchjob.models import LoadedModel, infer_task, load_model
+from batchjob.staging import make_staging, publish, remove_abandoned_staging
 
 log = logging.getLogger("batchjob.compile")
 
@@ -156,6 +157,12 @@ def compile_artifact(spec: CompileSpec, output: str) -> Artifact:
     """Trace one graph per shape into `output` (written whole, then renamed into place)."""
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise UsageError(f"--output {output} exists and is not an empty directory")
+    return _compile(spec, output, into_cache=False)
+
+
+def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
+    """Compile into a staging directory beside `output`, then rename it to `output`. Into the
+    cache, another process may publish `output` first: then its artifact is the one used."""
     task = spec.task or infer_task(spec.model)
     dtype = resolve_dtype(spec)
     backend = get_backend(spec.backend)
@@ -170,9 +177,7 @@ def compile_artifact(spec: CompileSpec, output: str) -> Artifact:
     packed = chosen.strategy == "packing"
     graph = EncoderGraph(loaded, uses_token_types, packed).eval()
 
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".compiling-", dir=parent)
+    staging = make_staging(output)
     try:
         worst = 0.0
         vocab = loaded.config.vocab_size
@@ -187,7 +192,7 @@ def compile_artifact(spec: CompileSpec, output: str) -> Artifact:
                 traced = backend.trace(graph, inputs, spec.compiler_args, dtype)
             if backend.device == "cpu":
                 worst = max(worst, _check_against_eager(graph, traced, inputs, dtype, shape))
-            torch.jit.save(traced, os.path.join(staging, f"graph_{shape.seq_len}.pt"))
+            torch.jit.save(traced, os.path.join(staging, graph_name(shape)))
             log.info(
                 "%.1fs traced %s %s graph %dx%d%s",
                 time.monotonic() - started,
@@ -218,12 +223,19 @@ def compile_artifact(spec: CompileSpec, output: str) -> Artifact:
             max_abs_diff_vs_eager=worst if backend.device == "cpu" else None,
         )
         artifact.save()
-        if os.path.exists(output):
-            os.rmdir(output)
-        os.rename(staging, output)
+        published = publish(staging, output, shared=into_cache)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if not published:
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info(
+            "%.1fs another process compiled %s into %s first: using its artifact",
+            time.monotonic() - started,
+            spec.model,
+            output,
+        )
+        return load_artifact(output)
     log.info(
         "%.1fs compiled %s (%s, %s, %s) to %s",
         time.monotonic() - started,
@@ -282,14 +294,22 @@ def _versions() -> dict[str, str]:
 
 
 def ensure_artifact(spec: CompileSpec, cache_dir: str) -> Artifact:
-    """An artifact for `spec.model`: itself if it is one, else compiled once into the cache."""
+    """An artifact for `spec.model`: itself if it is one, else compiled once into the cache.
+    Either way verified (its fields and checksums) before it is returned."""
     if is_artifact(spec.model):
         return load_artifact(spec.model)
-    path = os.path.join(cache_dir, "artifacts", _cache_key(spec))
+    folder = os.path.join(cache_dir, "artifacts")
+    path = os.path.join(folder, _cache_key(spec))
     if is_artifact(path):
         log.info("using the cached compile of %s at %s", spec.model, path)
-        return load_artifact(path)
-    return compile_artifact(spec, path)
+        try:
+            return load_artifact(path)
+        except UsageError as e:
+            raise UsageError(f"{e} (a cached compile: delete {path} to compile again)") from None
+    if os.path.isdir(path) and os.listdir(path):
+        raise UsageError(f"{path}: in the compile cache but not an artifact; delete it")
+    remove_abandoned_staging(folder)
+    return _compile(spec, path, into_cache=True)
 
 
 def _cache_key(spec: CompileSpec) -> str:
@@ -314,6 +334,7 @@ def _cache_key(spec: CompileSpec) -> str:
         "pooling": spec.pooling,
         "normalize": spec.normalize,
         "versions": _versions(),
+        "format": FORMAT_VERSION,  # an artifact of an older format is compiled again
     }
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     name = os.path.basename(model.rstrip("/")) or "model"

@@ -18,6 +18,7 @@ import torch
 
 import batchjob.compile as compile_mod
 from batchjob.artifact import BUCKET_INPUTS, Artifact, ArtifactLoader, load_artifact
+from batchjob.artifact_manifest import FORMAT_VERSION
 from batchjob.backends import get_backend
 from batchjob.backends.cpu import CpuBackend
 from batchjob.batching import Shape
@@ -141,7 +142,7 @@ def test_classifier_artifact_layout(classifier_dir: Path, compiled: CompileFn) -
 
     artifact = compiled(classifier_dir)
     data = manifest(artifact)
-    assert data["format_version"] == 1
+    assert data["format_version"] == FORMAT_VERSION
     assert (data["task"], data["backend"], data["dtype"]) == ("text-classification", "cpu", "fp32")
     assert data["strategy"] == "buckets"
     assert data["shapes"] == [
@@ -191,10 +192,12 @@ def test_load_artifact_round_trip(
 ) -> None:
     artifact = compiled(classifier_dir)
     assert load_artifact(artifact.path) == artifact
-    copy = dataclasses.replace(artifact, path=str(tmp_path))
+    root = tmp_path / "copy"
+    shutil.copytree(artifact.path, root, ignore=shutil.ignore_patterns("batchjob.json"))
+    copy = dataclasses.replace(artifact, path=str(root))
     copy.save()
-    assert load_artifact(str(tmp_path)) == copy
-    assert load_artifact(str(tmp_path)).shapes == SHAPES
+    assert load_artifact(str(root)) == copy
+    assert load_artifact(str(root)).shapes == SHAPES
 
 
 # --- faithfulness to the eager model ----------------------------------------------------
@@ -445,13 +448,13 @@ def test_failed_compile_leaves_no_partial_artifact(
 @pytest.fixture
 def compile_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    original = compile_mod.compile_artifact
+    original = compile_mod._compile
 
-    def counting(spec: CompileSpec, output: str) -> Artifact:
+    def counting(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
         calls.append(output)
-        return original(spec, output)
+        return original(spec, output, into_cache=into_cache)
 
-    monkeypatch.setattr(compile_mod, "compile_artifact", counting)
+    monkeypatch.setattr(compile_mod, "_compile", counting)
     return calls
 
 
