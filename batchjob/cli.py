@@ -143,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay-ms", type=float, default=S, help="partial batch wait (5)")
     p.add_argument("--text-field", default=S, help="jsonlines/csv field with the text (inputs)")
     p.add_argument("--drain-seconds", type=float, default=S, help="on SIGTERM (25)")
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=_integer,
+        default=S,
+        help="requests read and worked on at once; more wait (MaxConcurrentTransforms)",
+    )
+    p.add_argument(
+        "--queue-timeout", type=float, default=S, help="seconds waiting for a slot, then 503 (300)"
+    )
+    p.add_argument(
+        "--header-timeout", type=float, default=S, help="seconds to send a request head (60)"
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=S,
+        help="seconds before a body or answer must move at 64 KiB/s (30)",
+    )
 
     p = commands.add_parser("worker", help="consume an SQS queue, write Parquet to S3")
     _add_model_options(p)

@@ -10,6 +10,9 @@ Face inference toolkit define, read once here at start-up.
 | shapes        | --batch-size, --buckets, ... | config.json's `neuron` section, else         |
 |               |                              | HF_OPTIMUM_BATCH_SIZE, _SEQUENCE_LENGTH      |
 | backend       | --backend                    | BATCHJOB_BACKEND (the neuronx image sets it) |
+
+Limits (serve_limits.py says how each is enforced): --max-concurrent-requests (default: the
+MaxConcurrentTransforms advertised), --queue-timeout, --header-timeout, --body-timeout.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ DEFAULT_MODEL_DIR = "/opt/ml/model"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_PAYLOAD_MB = 6
 MAX_PAYLOAD_MB_LIMIT = 100  # SageMaker's own ceiling for MaxPayloadInMB
+# Batch Transform never sends more concurrent requests than the MaxConcurrentTransforms
+# advertised, so requests wait only when a job sets it higher, or a client ignores it. Half
+# of InvocationsTimeoutInSeconds' default (600 s): a request that waited that long still has
+# time to run, and one refused then has time for SageMaker's retries (InvocationsMaxRetries).
+DEFAULT_QUEUE_TIMEOUT = 300.0
+# nginx's client_header_timeout; here it is also the keep-alive idle time (serve_limits.py).
+DEFAULT_HEADER_TIMEOUT = 60.0
+# The grace before a body (or an answer) must flow at serve_limits.MIN_TRANSFER_RATE:
+# nginx's client_body_timeout and Apache's RequestReadTimeout body=20 are of this order.
+DEFAULT_BODY_TIMEOUT = 30.0
 SHAPE_FLAGS = ("batch_size", "sequence_length", "buckets", "max_batch_tokens")
 # HF_TASK values of the toolkit (and transformers' aliases) → batchjob's tasks.
 HF_TASKS = {
@@ -50,6 +63,10 @@ class ServeSpec:
     drain_seconds: float = 25.0  # SIGTERM → exit: below the 30 s Kubernetes and ECS defaults
     replica_start_timeout: float = 300.0
     cache_dir: str = ""
+    max_concurrent_requests: int | None = None  # None: MaxConcurrentTransforms
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
@@ -65,6 +82,19 @@ class ServeSpec:
         )
         _require(bool(self.text_field), "--text-field must not be empty")
         _require(self.drain_seconds >= 0, f"--drain-seconds must be ≥ 0, got {self.drain_seconds}")
+        _require(
+            self.max_concurrent_requests is None or self.max_concurrent_requests >= 1,
+            f"--max-concurrent-requests must be ≥ 1, got {self.max_concurrent_requests}",
+        )
+        _require(
+            0 <= self.queue_timeout <= 3600,
+            f"--queue-timeout must be 0..3600 seconds, got {self.queue_timeout:g}",
+        )
+        for flag, value in (
+            ("--header-timeout", self.header_timeout),
+            ("--body-timeout", self.body_timeout),
+        ):
+            _require(0 < value <= 3600, f"{flag} must be over 0 and ≤ 3600 seconds, got {value:g}")
         if not self.cache_dir:
             object.__setattr__(self, "cache_dir", default_cache_dir())
 
@@ -192,6 +222,10 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
             "drain_seconds",
             "replica_start_timeout",
             "cache_dir",
+            "max_concurrent_requests",
+            "queue_timeout",
+            "header_timeout",
+            "body_timeout",
         )
         if name in fields
     }

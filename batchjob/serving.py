@@ -6,6 +6,9 @@
 - `POST /invocations`: records in, one result per record out, in order (serve_formats.py).
   The records of concurrent requests share the fixed-shape batches through one `Engine`.
 - `GET /execution-parameters`: the concurrency and payload size Batch Transform should use.
+- At most `--max-concurrent-requests` requests read their body and are worked on at once;
+  the others wait, and clients that are too slow to send or to take an answer are cut off
+  (serve_limits.py). /ping and /execution-parameters never wait.
 - SIGTERM (or SIGINT): stop listening, let requests in progress finish (up to
   `drain_seconds`), stop the replicas, exit 0.
 
@@ -30,6 +33,7 @@ from batchjob.errors import BatchJobError, UsageError
 from batchjob.replica_process import plan_placements
 from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
 from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
+from batchjob.serve_limits import NoSlot, SendTimeout, Slots, read_body, send_body
 
 log = logging.getLogger("batchjob.serve")
 
@@ -44,6 +48,7 @@ class _State:
     artifact: Artifact | None = None
     replicas: int | None = None  # known once the artifact is
     engine: Engine | None = None  # set once the replicas are ready
+    slots: Slots | None = None  # likewise
     draining: bool = False
 
 
@@ -52,13 +57,18 @@ def max_concurrent_transforms(replicas: int, max_payload_mb: int) -> int:
     return max(1, min(REQUESTS_PER_REPLICA * replicas, MAX_PAYLOAD_MB_LIMIT // max_payload_mb))
 
 
+def request_slots(spec: ServeSpec, replicas: int) -> int:
+    """Requests worked on at once: --max-concurrent-requests, else MaxConcurrentTransforms."""
+    return spec.max_concurrent_requests or max_concurrent_transforms(replicas, spec.max_payload_mb)
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
 def build_app(state: _State) -> web.Application:
     spec = state.spec
-    # aiohttp refuses a larger body itself (HTTPRequestEntityTooLarge) when reading it.
+    # read_body enforces the payload limit itself; this holds aiohttp's own reads to it too.
     app = web.Application(client_max_size=spec.max_payload_bytes)
 
     async def ping(request: web.Request) -> web.Response:
@@ -67,49 +77,81 @@ def build_app(state: _State) -> web.Application:
     async def execution_parameters(request: web.Request) -> web.Response:
         if state.replicas is None:
             return _error(503, "not ready: the model is still being loaded")
+        # The slots, within SageMaker's 100 MB ceiling on concurrency × payload.
+        concurrency = min(
+            request_slots(spec, state.replicas), MAX_PAYLOAD_MB_LIMIT // spec.max_payload_mb
+        )
         return web.json_response(
             {
-                "MaxConcurrentTransforms": max_concurrent_transforms(
-                    state.replicas, spec.max_payload_mb
-                ),
+                "MaxConcurrentTransforms": max(1, concurrency),
                 "BatchStrategy": "MULTI_RECORD",
                 "MaxPayloadInMB": spec.max_payload_mb,
             }
         )
 
-    async def invocations(request: web.Request) -> web.Response:
+    async def invocations(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        engine, artifact = state.engine, state.artifact
-        if engine is None or artifact is None or state.draining:
+        engine, artifact, slots = state.engine, state.artifact, state.slots
+        if engine is None or artifact is None or slots is None or state.draining:
             why = "shutting down" if state.draining else "the model replicas are starting"
             return _error(503, f"not ready: {why}")
+        response = web.StreamResponse()
         try:
+            # What the head alone tells is answered at once, without waiting for a slot.
             kind = request_type(request.content_type)
-            answer_kind = response_type(request.headers.get("Accept"), kind)
-            body = await _read_body(request, spec)
-            parsed = await asyncio.to_thread(parse, kind, body, spec.text_field, artifact.task)
-            results = await engine.infer(parsed.records)
-            payload = await asyncio.to_thread(
-                encode, answer_kind, parsed, results, artifact.task, artifact.labels
-            )
+            response.content_type = response_type(request.headers.get("Accept"), kind)
+            _check_declared_length(request, spec)
+            async with slots.hold() as waited:
+                body = await read_body(
+                    request.content,
+                    limit=spec.max_payload_bytes,
+                    grace=spec.body_timeout,
+                    declared=request.content_length,
+                    too_large=_too_large(spec),
+                )
+                size_in = len(body)
+                parsed = await asyncio.to_thread(parse, kind, body, spec.text_field, artifact.task)
+                del body
+                results = await engine.infer(parsed.records)
+                payload = await asyncio.to_thread(
+                    encode, response.content_type, parsed, results, artifact.task, artifact.labels
+                )
+                records = len(results)
+                errors = sum(r.error is not None for r in results)
+                truncated = sum(r.truncated for r in results)
+                del parsed, results  # a slow reader of the answer holds only the answer
+                # Still holding the slot: the answer is part of what the slot bounds.
+                response.content_length = len(payload)
+                await send_body(request, response, payload, grace=spec.body_timeout)
         except RequestError as e:
             log.warning("%.3fs POST /invocations %d: %s", time.monotonic() - started, e.status, e)
-            return _error(e.status, str(e))
+            refusal = _error(e.status, str(e))
+            if isinstance(e, NoSlot) and e.retry_after is not None:
+                refusal.headers["Retry-After"] = str(e.retry_after)
+            if e.status == 408:
+                refusal.force_close()  # the rest of the body is not worth waiting for
+            return refusal
+        except SendTimeout as e:
+            log.warning("%.3fs POST /invocations 200 cut off: %s", time.monotonic() - started, e)
+            return response  # aiohttp sees the connection gone and drops it
+        except ConnectionResetError:
+            # Returned, not raised (aiohttp would log a server error): it finds the connection
+            # gone and sends nothing.
+            log.warning("%.3fs POST /invocations: the client went away", time.monotonic() - started)
+            return response
         except EngineClosedError as e:
             log.warning("%.3fs POST /invocations 503: %s", time.monotonic() - started, e)
             return _error(503, str(e))
         except BatchJobError as e:  # a replica failed: retryable (InvocationsMaxRetries)
             log.error("%.3fs POST /invocations 500: %s", time.monotonic() - started, e)
             return _error(500, str(e))
-        errors = sum(r.error is not None for r in results)
-        truncated = sum(r.truncated for r in results)
         log.info(
             "%.3fs POST /invocations 200: %d records, %d errors, %d truncated, %d bytes in (%s), "
-            "%d out (%s)",
-            time.monotonic() - started, len(results), errors, truncated, len(body), kind,
-            len(payload), answer_kind,
+            "%d out (%s); %.3fs waiting for a slot",
+            time.monotonic() - started, records, errors, truncated, size_in, kind,
+            len(payload), response.content_type, waited,
         )  # fmt: skip
-        return web.Response(body=payload, content_type=answer_kind)
+        return response
 
     app.router.add_get("/ping", ping)
     app.router.add_get("/execution-parameters", execution_parameters)
@@ -117,18 +159,17 @@ def build_app(state: _State) -> web.Application:
     return app
 
 
-async def _read_body(request: web.Request, spec: ServeSpec) -> bytes:
-    limit = spec.max_payload_bytes
-    too_large = (
+def _too_large(spec: ServeSpec) -> str:
+    return (
         f"over the {spec.max_payload_mb} MB payload limit (SAGEMAKER_MAX_PAYLOAD_IN_MB, "
         f"MaxPayloadInMB): send fewer records per request"
     )
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestError(f"request body of {request.content_length} bytes is {too_large}", 413)
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise RequestError(f"request body is {too_large}", 413) from None
+
+
+def _check_declared_length(request: web.Request, spec: ServeSpec) -> None:
+    length = request.content_length
+    if length is not None and length > spec.max_payload_bytes:
+        raise RequestError(f"request body of {length} bytes is {_too_large(spec)}", 413)
 
 
 def serve(spec: ServeSpec) -> int:
@@ -144,7 +185,12 @@ async def _serve(spec: ServeSpec) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(
-        build_app(state), handle_signals=False, access_log=None, shutdown_timeout=spec.drain_seconds
+        build_app(state),
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=spec.drain_seconds,
+        # Also the deadline for a request's head: see serve_limits.py.
+        keepalive_timeout=spec.header_timeout,
     )
     await runner.setup()
     cleaned = False
@@ -171,9 +217,15 @@ async def _serve(spec: ServeSpec) -> int:
             if starting.exception() is not None:
                 stopping.cancel()
                 starting.result()  # start-up errors propagate from here
-            log.info("%.1fs ready: %d replicas", time.monotonic() - started, state.replicas or 0)
+            log.info(
+                "%.1fs ready: %d replicas, %d requests at once (more wait up to %g s)",
+                time.monotonic() - started, state.replicas or 0,
+                state.slots.size if state.slots else 0, spec.queue_timeout,
+            )  # fmt: skip
             await stopping
             state.draining = True
+            if state.slots is not None:
+                state.slots.close()
             drain = time.monotonic()
             log.info("signal: draining, up to %g s for requests in progress", spec.drain_seconds)
             # Stops listening, then waits for the handlers in progress (up to shutdown_timeout).
@@ -212,6 +264,7 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
     device = get_backend(artifact.backend).device
     placements = plan_placements(spec.replicas, spec.cores_per_replica, device)
     state.artifact, state.replicas = artifact, len(placements)
+    state.slots = Slots(request_slots(spec, len(placements)), spec.queue_timeout)
     state.engine, _ = await start_engine(
         stack,
         artifact,

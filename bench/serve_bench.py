@@ -10,9 +10,12 @@ the window from the first request sent to the last answer received; every answer
 window, and its latencies are reported.
 
 Run alone, it also times `batchjob run` on the same corpus and artifact, and checks the
-targets: serve ≥ 0.9 × run, /ping p99 < 100 ms:
+targets: serve ≥ 0.9 × run, /ping p99 < 100 ms. Then it measures the server's memory under
+12 concurrent 6 MB requests (serve_memory.py):
 
     .venv/bin/python bench/serve_bench.py [--docs 2400] [--records-per-request 256]
+        [--memory-clients 12] [--memory-server-args '--max-concurrent-requests 2']
+        [--memory-only]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -39,7 +43,7 @@ PING_P99_TARGET_MS = 100.0
 _JSONLINES = "application/jsonlines"
 
 
-class _Server:
+class Server:
     def __init__(self, artifact: str, extra: list[str]) -> None:
         command = [sys.executable, "-m", "batchjob", "serve", "--model", artifact]
         command += ["--host", "127.0.0.1", "--port", "0", *extra]
@@ -123,7 +127,7 @@ def measure_serve(
     server_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Documents/s of `clients` concurrent MultiRecord clients, and /ping latencies meanwhile."""
-    server = _Server(str(artifact_path), list(server_args))
+    server = Server(str(artifact_path), list(server_args))
     try:
         server.wait_ready()
         warm = server.connect()
@@ -214,19 +218,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--records-per-request", type=int, default=256)
     p.add_argument("--artifact", help="an artifact; default: the bench's default compile")
+    p.add_argument("--memory-clients", type=int, default=12, help="memory: clients (12)")
+    p.add_argument("--memory-server-args", default="", help="memory: extra serve flags, quoted")
+    p.add_argument("--memory-only", action="store_true", help="skip the throughput part")
     args = p.parse_args(argv)
     for name, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(name, value)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import fixtures
-    import measure
+    import serve_memory
 
     repo = Path(__file__).resolve().parent.parent
     root = fixtures.cache_root(repo)
-    artifact = Path(args.artifact) if args.artifact else None
-    if artifact is None:
-        artifact, _ = fixtures.ensure_artifact(root, fixtures.ensure_model(root), "default", [])
     corpus = fixtures.make_corpus(args.docs)
+    if not args.memory_only:
+        artifact = Path(args.artifact) if args.artifact else None
+        if artifact is None:
+            model = fixtures.ensure_model(root)
+            artifact, _ = fixtures.ensure_artifact(root, model, "default", [])
+        _throughput(args, artifact, corpus)
+    # The memory of the request path: a bert-tiny shaped model, so that every client's
+    # 6 MB of normal documents is through in minutes (bert-base would take hours).
+    tiny, _ = fixtures.ensure_artifact(root, fixtures.ensure_tiny_model(root), "tiny", [])
+    memory = serve_memory.measure_memory(
+        str(tiny),
+        corpus.texts,
+        args.memory_clients,
+        server_args=tuple(shlex.split(args.memory_server_args)),
+    )
+    for line in serve_memory.describe(memory):
+        print(line)
+    return 0
+
+
+def _throughput(args: argparse.Namespace, artifact: Path, corpus: Any) -> None:
+    import measure
+
     with tempfile.TemporaryDirectory(prefix="batchjob-serve-bench-") as tmp:
         corpus.write(Path(tmp) / "corpus", 4)
         run = measure.batchjob_run(artifact, Path(tmp) / "corpus", Path(tmp) / "out")
@@ -249,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         f"({'PASS' if serve['ping_p99_ms'] < PING_P99_TARGET_MS else 'MISS'} "
         f"< {PING_P99_TARGET_MS:g} ms)"
     )
-    return 0
 
 
 if __name__ == "__main__":

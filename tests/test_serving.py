@@ -6,12 +6,8 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
-import os
-import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,101 +22,12 @@ from batchjob.cli import main
 from batchjob.config import CLASSIC_SEQUENCE_LENGTH
 from batchjob.errors import UsageError
 from batchjob.serve_config import serve_spec
-from batchjob.serving import max_concurrent_transforms
+from batchjob.serving import max_concurrent_transforms, request_slots
 from tests.conftest import LABELS, CompileFn, make_texts
+from tests.serve_process import JSONLINES, Server, jsonlines
 
-REPO = Path(__file__).resolve().parent.parent
-ENTRYPOINT = REPO / "entrypoint.sh"
 SHAPES = (Shape(16, 4), Shape(32, 2))  # as tests/conftest.py's default: compiled once
-JSONLINES = "application/jsonlines"
 LONG = "the quick brown fox jumps over a lazy dog " * 6  # past 32 tokens: truncated
-
-
-class Server:
-    """`entrypoint.sh serve ...` in a subprocess; its log lines collected as they come."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        environment = {
-            **os.environ,
-            # The entrypoint runs `python3 -m batchjob`: this venv's python3, as in the image.
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            **env,
-        }
-        command = [str(ENTRYPOINT), "serve", "--host", "127.0.0.1", "--replicas", "1", *args]
-        self.proc = subprocess.Popen(
-            command, env=environment, cwd=cwd, stderr=subprocess.PIPE, text=True
-        )
-        self.log: list[str] = []
-        self.port: int | None = None
-        self._listening = threading.Event()
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        if not self._listening.wait(60):
-            self.stop()
-            raise AssertionError("server did not listen:\n" + "".join(self.log))
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if found := re.search(r"listening on http://127\.0\.0\.1:(\d+)", line):
-                self.port = int(found.group(1))
-                self._listening.set()
-        self._listening.set()
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        timeout: float = 120,
-    ) -> tuple[int, str, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.getheader("Content-Type", ""), response.read()
-        finally:
-            conn.close()
-
-    def post(self, body: bytes, content_type: str, accept: str | None = None) -> Any:
-        headers = {"Content-Type": content_type} | ({"Accept": accept} if accept else {})
-        status, kind, data = self.request("POST", "/invocations", body, headers)
-        assert status == 200, data
-        if kind == JSONLINES:
-            return [json.loads(line) for line in data.decode().split("\n")]
-        return json.loads(data)
-
-    def wait_ready(self, timeout: float = 120) -> list[int]:
-        """Poll /ping until 200; the statuses seen on the way."""
-        seen: list[int] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            seen.append(self.request("GET", "/ping", timeout=5)[0])
-            if seen[-1] == 200:
-                return seen
-            time.sleep(0.05)
-        raise AssertionError(f"not ready after {timeout} s:\n" + "".join(self.log))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._reader.join(10)
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
-        return code
-
-
-def jsonlines(rows: list[Any]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 @pytest.fixture(scope="module")
@@ -439,6 +346,18 @@ def test_spec_reads_the_environment_once(tmp_path: Path) -> None:
     assert serve_spec(flags, env).compile.shapes == (Shape(16, 2), Shape(32, 2))
 
 
+def test_limits_from_flags_and_the_default_slots(tmp_path: Path) -> None:
+    spec = serve_spec({"model": str(tmp_path)}, {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"})
+    assert (spec.queue_timeout, spec.header_timeout, spec.body_timeout) == (300, 60, 30)
+    assert request_slots(spec, 2) == max_concurrent_transforms(2, 20) == 4
+    assert request_slots(spec, 8) == 5  # 5 × 20 MB: SageMaker's 100 MB ceiling
+    flags = {"model": str(tmp_path), "max_concurrent_requests": 3, "queue_timeout": 0.0}
+    flags |= {"header_timeout": 5.0, "body_timeout": 7.5}
+    spec = serve_spec(flags, {})
+    assert request_slots(spec, 8) == 3
+    assert (spec.queue_timeout, spec.header_timeout, spec.body_timeout) == (0, 5, 7.5)
+
+
 def test_spec_falls_back_to_hf_model_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("batchjob.serve_config.DEFAULT_MODEL_DIR", str(tmp_path / "empty"))
     assert serve_spec({}, {"HF_MODEL_ID": "org/model"}).compile.model == "org/model"
@@ -458,6 +377,10 @@ def test_spec_falls_back_to_hf_model_id(tmp_path: Path, monkeypatch: pytest.Monk
         ([], {"HF_TASK": "summarization"}, "HF_TASK must be one of text-classification"),
         ([], {"HF_OPTIMUM_BATCH_SIZE": "0"}, "HF_OPTIMUM_BATCH_SIZE must be ≥ 1, got 0"),
         (["--port", "70000"], {}, "--port must be 0..65535, got 70000"),
+        (["--max-concurrent-requests", "0"], {}, "--max-concurrent-requests must be ≥ 1, got 0"),
+        (["--queue-timeout", "-1"], {}, "--queue-timeout must be 0..3600 seconds, got -1"),
+        (["--header-timeout", "0"], {}, "--header-timeout must be over 0 and ≤ 3600 seconds"),
+        (["--body-timeout", "nan"], {}, "--body-timeout must be over 0 and ≤ 3600 seconds"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(
