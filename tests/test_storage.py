@@ -183,8 +183,15 @@ def test_text_shard_list_mixes_s3_and_local(bucket: Bucket, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('[{"prefix": "s3://b/p/"}, "a.jsonl", "a.csv"]', "both be written to a.parquet"),
-        ('[{"prefix": "s3://b/p/"}, "../up.jsonl"]', "outside the output"),
+        (
+            '[{"prefix": "s3://b/p/"}, "a.jsonl", "x/a.jsonl", "a.jsonl"]',
+            "s3://b/p/a.jsonl is listed more than once",
+        ),
+        (
+            "s3://b/p/a.jsonl\ns3://b/q/a.jsonl\ns3://b/p/a.jsonl\n",
+            "s3://b/p/a.jsonl is listed more than once",
+        ),
+        ("a.jsonl\n./a.jsonl\n", "./a.jsonl is listed more than once"),
         ('["a.jsonl"]', 'starts with {"prefix"'),
         ('[{"prefix": "s3://b/p/"}, 7]', "entries after the prefix"),
         ("[not json", "not valid JSON"),
