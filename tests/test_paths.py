@@ -57,13 +57,15 @@ def test_a_shard_whose_output_is_an_input_shard_is_refused(tree: Path) -> None:
     # An --input-manifest naming in/b.parquet, written to in/: b.parquet → b.parquet.
     listed = [shard(str(tree / "in" / "b.parquet"), "b.parquet", "auto")]
     why = overlap(str(tree / "in"), None, listed)
-    assert why is not None and "b.parquet" in why
+    assert why is not None
+    assert "b.parquet" in why
     # Shards elsewhere, output beside one of them: x/b.jsonl's output is in/b.parquet.
     (tree / "x").mkdir()
     (tree / "x" / "b.jsonl").write_text("x\n")
     listed = [shard(str(tree / "x" / "b.jsonl"), "b.jsonl", "auto"), *listed]
     why = overlap(str(tree / "in"), None, listed)
-    assert why is not None and str(tree / "in" / "b.parquet") in why
+    assert why is not None
+    assert str(tree / "in" / "b.parquet") in why
 
 
 def test_manifest_shards_inside_the_output_are_refused(tree: Path) -> None:
@@ -92,7 +94,8 @@ def test_s3_prefixes(output: str, input_root: str, refused: str | None) -> None:
 def test_s3_shard_whose_output_is_an_input_object() -> None:
     listed = [shard("s3://b/in/x.parquet", "x.parquet", "auto")]
     why = overlap("s3://b/in/", None, listed)
-    assert why is not None and "s3://b/in/x.parquet" in why
+    assert why is not None
+    assert "s3://b/in/x.parquet" in why
     assert overlap("s3://b/out/", None, listed) is None
 
 

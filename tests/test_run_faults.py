@@ -53,7 +53,8 @@ def invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, st
 
 def refused(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("batchjob run: error: "), err
+    assert err.count("\n") == 1, err
+    assert err.startswith("batchjob run: error: "), err
     for needle in needles:
         assert needle in err, (needle, err)
 
@@ -222,7 +223,7 @@ def test_a_disk_that_fills_up_fails_that_shard_only(
     big = [{"id": f"{i:06d}-" + os.urandom(200).hex(), "text": "x"} for i in range(3000)]
     write_jsonl(inp / "big.jsonl", big)
     with mounted_tmpfs(tmp_path / "disk", "size=256k") as disk:
-        code, out, err = invoke(cli(str(artifact), str(inp), str(disk)), capsys)
+        code, _, err = invoke(cli(str(artifact), str(inp), str(disk)), capsys)
         assert code == 1, err
         assert "Traceback" not in err
         manifest = json.loads((disk / "_manifest.json").read_text())
@@ -323,20 +324,23 @@ def test_resume_removes_the_temp_files_of_runs_that_are_gone(
     code, _, err = invoke(cli(artifact, str(inp), str(out), "--resume"), capsys)
     assert code == 0, err
     assert not gone.exists()
-    assert alive.exists() and other_host.exists()
+    assert alive.exists()
+    assert other_host.exists()
 
 
 def test_s3_run_removes_its_temp_files_on_sigterm(
     artifact: str, bucket: Bucket, tmp_path: Path
 ) -> None:
-    objects = {f"in/s{k:02d}.jsonl": b"".join(
-        json.dumps(r).encode() + b"\n" for r in rows(200, f"s{k}-", seed=k)) for k in range(30)}  # fmt: skip
+    objects = {
+        f"in/s{k:02d}.jsonl": b"".join(json.dumps(r).encode() + b"\n" for r in rows(200, f"s{k}-"))
+        for k in range(30)
+    }
     bucket.put_many(objects)
     staging = tmp_path / "tmp"
     staging.mkdir()
     env = {**os.environ, "TMPDIR": str(staging), "HF_HUB_OFFLINE": "1"}
-    argv = [sys.executable, "-m", "batchjob",
-            *cli(artifact, bucket.uri("in/"), bucket.uri("out/"), "--max-shards-in-flight", "4")]  # fmt: skip
+    run = cli(artifact, bucket.uri("in/"), bucket.uri("out/"), "--max-shards-in-flight", "4")
+    argv = [sys.executable, "-m", "batchjob", *run]
     log = tmp_path / "run.err"
     with log.open("w") as err:
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -355,4 +359,5 @@ def test_s3_run_removes_its_temp_files_on_sigterm(
     assert list(staging.iterdir()) == []
     manifest = json.loads(bucket.get("out/_manifest.json"))
     failed = every_shard_once(manifest, {k.removeprefix("in/") for k in objects})
-    assert failed and all("interrupted" in why for why in failed.values()), failed
+    assert failed, "the run was stopped before every shard was done"
+    assert all("interrupted" in why for why in failed.values()), failed
