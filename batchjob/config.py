@@ -330,7 +330,7 @@ def _describe(expected: Any) -> str:
     if origin in (types.UnionType, typing.Union):
         return " or ".join(_describe(t) for t in typing.get_args(expected))
     if origin in (tuple, list):
-        return f"a list of {_describe(typing.get_args(expected)[0])}s"
+        return f"a list of {_describe(typing.get_args(expected)[0]).split(' ', 1)[1]}s"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return "null" if expected is type(None) else names.get(expected, str(expected))
 

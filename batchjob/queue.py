@@ -70,8 +70,10 @@ class SqsQueue:
 
     async def __aenter__(self) -> SqsQueue:
         config = Config(
+            connect_timeout=10,
             read_timeout=MAX_WAIT_SECONDS + 20,  # above the long poll, or every idle poll fails
             max_pool_connections=self.connections,
+            tcp_keepalive=True,
         )
         client = aioboto3.Session().client("sqs", config=config)
         self._client = await self._stack.enter_async_context(client)
