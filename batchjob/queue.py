@@ -46,10 +46,12 @@ class Message:
 
 
 def _error(call: str, e: Exception) -> QueueError:
+    """One line, whatever the service put in its message."""
     if isinstance(e, ClientError):
         error = e.response.get("Error", {})
-        return QueueError(f"{call}: {error.get('Code', '?')}: {error.get('Message', '')}")
-    return QueueError(f"{call}: {type(e).__name__}: {e}")
+        message = " ".join(str(error.get("Message", "")).split())
+        return QueueError(f"{call}: {error.get('Code', '?')}: {message}")
+    return QueueError(f"{call}: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 class SqsQueue:

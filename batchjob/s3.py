@@ -99,10 +99,11 @@ def s3_error(call: str, url: S3Url, e: Exception) -> S3Error:
         code = str(error.get("Code") or meta.get("HTTPStatusCode", "?"))
         attempts = int(meta.get("RetryAttempts", 0)) + 1
         after = f" after {attempts} attempts" if attempts > 1 else ""
-        message = error.get("Message") or ""
+        message = " ".join(str(error.get("Message") or "").split())  # one line, always
         text = f"{call} {url}: {code}{after}" + (f": {message}" if message else "")
         return S3Error(text, code, int(meta.get("HTTPStatusCode") or 0))
-    return S3Error(f"{call} {url}: {type(e).__name__}: {e}", type(e).__name__)
+    text = " ".join(str(e).split())
+    return S3Error(f"{call} {url}: {type(e).__name__}: {text}", type(e).__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +173,6 @@ class S3:
             if not page.get("IsTruncated"):
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
-
-    async def probe(self, url: S3Url) -> None:
-        """Fail fast on a bucket that doesn't exist (one cheap listing call)."""
-        try:
-            await self._client.list_objects_v2(Bucket=url.bucket, Prefix=url.key, MaxKeys=1)
-        except (ClientError, BotoCoreError) as e:
-            raise s3_error("ListObjectsV2", url, e) from e
 
     async def head(self, url: S3Url) -> ObjectInfo | None:
         """The object's size and ETag; None when there is no such object."""

@@ -62,6 +62,17 @@ def _read_local(path: str, limit: int) -> bytes:
     return data
 
 
+async def _is_object(s3: S3, url: S3Url) -> bool:
+    """Whether `url` names an object rather than a prefix. A policy that grants reads only
+    under the prefix answers the HEAD 403: then it is taken for a prefix, and listed."""
+    try:
+        return await s3.head(url) is not None
+    except S3Error as e:
+        if e.status != 403:
+            raise
+        return False
+
+
 def _usage(flag: str, e: S3Error) -> BatchJobError:
     """A listing that can never work (no bucket, no access) is a bad invocation."""
     return UsageError(f"{flag}: {e}") if e.client_fault else e
@@ -126,7 +137,7 @@ class Storage:
             return list_shards(root, fmt, exclude)
         url, s3 = S3Url.parse(root), await self.s3()
         try:
-            if url.key and not url.key.endswith("/") and await s3.head(url) is not None:
+            if url.key and not url.key.endswith("/") and await _is_object(s3, url):
                 return [shard(root, posixpath.basename(url.key), fmt)]
             prefix = url.prefix
             objects = [obj.key async for obj in s3.list_objects(S3Url(url.bucket, prefix))]

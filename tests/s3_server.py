@@ -130,21 +130,25 @@ class Bucket:
         data: bytes = self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
         return data
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def keys(self, prefix: str = "", *, internal: bool = False) -> list[str]:
+        """The keys under `prefix`; with `internal`, also batchjob's own under `_batchjob/`
+        (the write check every start leaves)."""
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.name, Prefix=prefix
         )
-        return [obj["Key"] for page in pages for obj in page.get("Contents", ())]
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", ())]
+        return keys if internal else [k for k in keys if "_batchjob/" not in k]
 
     def versions(self, prefix: str = "") -> dict[str, int]:
-        """Key → how many versions (versioning must be on)."""
+        """Key → how many versions (versioning must be on); not batchjob's own keys."""
         counts: dict[str, int] = {}
         pages = self.client.get_paginator("list_object_versions").paginate(
             Bucket=self.name, Prefix=prefix
         )
         for page in pages:
             for v in page.get("Versions", ()):
-                counts[v["Key"]] = counts.get(v["Key"], 0) + 1
+                if "_batchjob/" not in v["Key"]:
+                    counts[v["Key"]] = counts.get(v["Key"], 0) + 1
         return counts
 
     def multipart_uploads(self) -> list[str]:

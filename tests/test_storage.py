@@ -120,6 +120,17 @@ def test_an_object_is_one_shard_and_a_name_without_slash_can_be_a_prefix(bucket:
     assert [s.format for s in shards] == ["txt", "txt"]
 
 
+def test_a_name_without_slash_is_a_prefix_where_its_head_is_refused(
+    bucket: Bucket, proxy: FaultProxy
+) -> None:
+    """A policy granting reads only under data/ answers the HEAD of "data" with 403."""
+    bucket.put_many({"data/a.jsonl": b"", "data/b.csv": b""})
+    proxy.faults.append(Fault("HEAD", f"/{bucket.name}/data", status=403, code="AccessDenied"))
+    shards = run(lambda s: s.list_shards(bucket.uri("data")))
+    assert [s.rel for s in shards] == ["a.jsonl", "b.csv"]
+    assert len(proxy.seen("HEAD")) == 1
+
+
 @pytest.mark.parametrize(
     ("where", "message"),
     [

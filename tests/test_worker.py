@@ -147,7 +147,8 @@ def test_events_for_the_workers_own_outputs_are_ignored(
     with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
         assert worker.finish() == 0, worker.log()
     assert sorted(bucket.keys()) == ["doc.jsonl", "out/doc.parquet"]
-    assert len(worker.messages("ignored")) == 2  # the TestEvent, and out/doc.parquet's event
+    # The TestEvent, and the events of out/doc.parquet and of the start's write check.
+    assert len(worker.messages("ignored")) == 3
     assert "its own output" in worker.log()
 
 

@@ -79,7 +79,7 @@ def test_messages_read_only_allowed_inputs_and_write_only_under_the_output(
         assert worker.finish() == 0, worker.log()
     log = worker.log()
     assert len(worker.messages("done")) == 2, log
-    assert f"object s3://{other}/private/creds.jsonl is not under --allow-input" in log
+    assert f"job input s3://{other}/private/creds.jsonl is not under --allow-input" in log
     assert f"job output s3://{other}/stolen/ is not under --output" in log
     assert f"object {bucket.uri('private/creds.jsonl')} is not under --allow-input" in log
     assert "lies inside --output" in log
@@ -92,13 +92,13 @@ def test_messages_read_only_allowed_inputs_and_write_only_under_the_output(
     assert not [r for r in s3 if "private/creds" in r.path]
     writes = sorted(r.path for r in s3 if r.method in ("PUT", "POST"))
     assert all(w.startswith(f"/{bucket.name}/results/") for w in writes), writes
-    assert sorted(bucket.keys("results/")) == [
+    assert sorted(bucket.keys("results/", internal=True)) == [
         "results/_batchjob/write-check",
-        "results/data/ok.parquet",
         "results/inline/inline-1.parquet",
+        "results/ok.parquet",
         "results/sub/x.jsonl",
     ]
-    ok = pq.read_table(io.BytesIO(bucket.get("results/data/ok.parquet")))
+    ok = pq.read_table(io.BytesIO(bucket.get("results/ok.parquet")))
     assert ok.column("id").to_pylist() == ["ok"]
     # Every S3 call named the bucket's owner.
     assert s3
@@ -121,7 +121,7 @@ def test_run_names_the_expected_bucket_owner_on_every_call(
     code = main([*argv, bucket.uri("out2/"), "--expected-bucket-owner", "999999999999"])
     _, err = capsys.readouterr()
     assert_usage_error(code, "", err, ("--input", "AccessDenied"))
-    assert bucket.keys("out2/") == []
+    assert bucket.keys("out2/", internal=True) == []
 
 
 @pytest.mark.parametrize(
