@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort-window", type=_integer, default=S, help="records (4096)")
     p.add_argument("--chunk-size", type=_integer, default=S, help="records read at a time")
     p.add_argument("--progress", default=S, help="auto, bar, log, none")
+    _add_bucket_owner_option(p)
 
     p = commands.add_parser("serve", help="the SageMaker Batch Transform container (HTTP)")
     _add_model_options(p)  # --model defaults to /opt/ml/model; see serve_config.py for env
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = commands.add_parser("worker", help="consume an SQS queue, write Parquet to S3")
+    p.add_argument("--job", default=S, help="YAML file with the same fields; flags override")
     _add_model_options(p)
     _add_replica_options(p)
     p.add_argument("--queue", default=S, help="SQS queue URL (or name)")
@@ -173,8 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default=S, help="address for --metrics-port (0.0.0.0)")
     p.add_argument("--max-batch-delay-ms", type=float, default=S, help="partial batch wait (5)")
     p.add_argument("--max-messages-in-flight", type=_integer, default=S, help="at once (16)")
+    p.add_argument(
+        "--allow-input",
+        action="append",
+        default=S,
+        help="s3://bucket/prefix/ that messages may read (repeatable; required)",
+    )
+    p.add_argument(
+        "--allow-any-input",
+        action="store_true",
+        default=S,
+        help="let messages read any object the worker's role can (instead of --allow-input)",
+    )
+    _add_bucket_owner_option(p)
     _add_record_options(p)
     return parser
+
+
+def _add_bucket_owner_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--expected-bucket-owner",
+        default=argparse.SUPPRESS,
+        help="AWS account id every S3 bucket used must belong to (ExpectedBucketOwner)",
+    )
 
 
 def compile_spec(fields: dict[str, Any]) -> CompileSpec:
@@ -206,8 +229,10 @@ def run_spec(fields: dict[str, Any]) -> RunSpec:
 
 def worker_spec(fields: dict[str, Any]) -> WorkerSpec:
     compile_ = compile_spec(fields)
-    excluded = {"command", "log_level", "model", *SHAPE_FIELDS, *COMPILE_FIELDS}
+    excluded = {"job", "command", "log_level", "model", *SHAPE_FIELDS, *COMPILE_FIELDS}
     options = {k: v for k, v in fields.items() if k not in excluded}
+    if "allow_input" in options:
+        options["allow_input"] = tuple(options["allow_input"])
     return WorkerSpec(
         queue=options.pop("queue", ""),
         output=options.pop("output", ""),
@@ -231,11 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             compile_artifact(compile_spec(fields), args.output)
             print(f"batchjob compile: artifact written to {args.output}")
             return 0
+        if "job" in fields:
+            fields = {**load_job_file(fields["job"], args.command), **fields}
         if args.command == "run":
             from batchjob.runner import run
 
-            if "job" in fields:
-                fields = {**load_job_file(fields["job"]), **fields}
             return run(run_spec(fields))
         if args.command == "worker":
             from batchjob.worker import work
@@ -253,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BatchJobError as e:
         print(f"batchjob {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the environment's fault (a full disk, a lost mount): no traceback
+        logging.getLogger("batchjob").debug("failed", exc_info=True)
+        print(f"batchjob {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     raise AssertionError(args.command)
 

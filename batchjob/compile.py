@@ -125,7 +125,7 @@ def calibration_lengths(
     from tokenizers import Tokenizer
 
     from batchjob.records import Fields, read_records
-    from batchjob.storage import list_shards
+    from batchjob.shards import list_shards
 
     # A copy: the artifact saves the model's tokenizer as it came.
     tokenizer = Tokenizer.from_str(loaded.tokenizer.backend_tokenizer.to_str())

@@ -7,9 +7,11 @@ the flag and the value.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +164,10 @@ class RunSpec:
     progress: str = "auto"  # auto: a bar on a terminal, log lines otherwise
     input_manifest: str | None = None  # instead of --input: a list of shards (local or s3://)
     max_shards_in_flight: int = 8  # shards open at once: S3 objects download ahead
+    expected_bucket_owner: str | None = None  # sent with every S3 call (ExpectedBucketOwner)
 
     def __post_init__(self) -> None:
+        check_account_id(self.expected_bucket_owner)
         _require(
             bool(self.input) or bool(self.input_manifest),
             "--input is required (or --input-manifest)",
@@ -207,10 +211,34 @@ class WorkerSpec:
     replica_start_timeout: float = 300.0
     cache_dir: str = ""
     visibility_ceiling: float = 12 * 3600  # SQS's: work that would outlast it is failed
+    # What S3 events and job messages may read: anyone who can send to the queue can
+    # otherwise make the worker read whatever its role can (and write it out).
+    allow_input: tuple[str, ...] = ()
+    allow_any_input: bool = False
+    expected_bucket_owner: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.queue), "--queue is required")
         _require(bool(self.output), "--output is required")
+        _require(
+            self.output.startswith("s3://") and len(self.output) > len("s3://"),
+            f"--output must be an s3:// URI for the worker, got {self.output!r}",
+        )
+        for prefix in self.allow_input:
+            _require(
+                prefix.startswith("s3://") and bool(prefix[len("s3://") :].split("/")[0]),
+                f"--allow-input must be an s3://bucket/prefix/ URI, got {prefix!r}",
+            )
+        _require(
+            bool(self.allow_input) or self.allow_any_input,
+            "--allow-input s3://bucket/prefix/ is required (repeatable): the objects queue "
+            "messages may ask for; --allow-any-input allows whatever the worker's role can read",
+        )
+        _require(
+            not (self.allow_input and self.allow_any_input),
+            "--allow-input and --allow-any-input exclude each other",
+        )
+        check_account_id(self.expected_bucket_owner)
         _require(
             self.exit_when_idle is None or self.exit_when_idle >= 0,
             f"--exit-when-idle must be ≥ 0 seconds, got {self.exit_when_idle}",
@@ -242,14 +270,74 @@ def check_replica_options(
     _require(start_timeout > 0, f"--replica-start-timeout must be > 0, got {start_timeout}")
 
 
+_ACCOUNT_ID = re.compile(r"[0-9]{12}")
+
+
+def check_account_id(value: str | None) -> None:
+    _require(
+        value is None or bool(_ACCOUNT_ID.fullmatch(value)),
+        f"--expected-bucket-owner must be a 12-digit AWS account id, got {value!r}",
+    )
+
+
 def default_cache_dir() -> str:
     """Where compiled plain models are kept: $XDG_CACHE_HOME/batchjob or ~/.cache/batchjob."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return os.path.join(base, "batchjob")
 
 
-def load_job_file(path: str) -> dict[str, Any]:
-    """A job file's fields, keys normalised to underscores."""
+# Job-file fields that are not spec fields: the shape flags, whose values become `shapes`.
+_SHAPE_TYPES: dict[str, Any] = {
+    "batch_size": int,
+    "sequence_length": int,
+    "max_batch_tokens": int,
+    "buckets": str | int | list[int],
+}
+_NOT_JOB_FIELDS = {"compile", "shapes", "visibility_ceiling"}
+
+
+def _field_types(*specs: type) -> dict[str, Any]:
+    types_: dict[str, Any] = dict(_SHAPE_TYPES)
+    for spec in specs:
+        types_.update(typing.get_type_hints(spec))
+    types_["compiler_args"] = str | list[str]  # a job file gives a string or a list
+    for name in _NOT_JOB_FIELDS:
+        types_.pop(name, None)
+    return types_
+
+
+def _matches(value: object, expected: Any) -> bool:
+    """isinstance for the annotations specs use: bool is not an int, an int is a float."""
+    origin = typing.get_origin(expected)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, t) for t in typing.get_args(expected))
+    if origin in (tuple, list):
+        inner = typing.get_args(expected)[0]
+        return isinstance(value, list | tuple) and all(_matches(v, inner) for v in value)
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(t) for t in typing.get_args(expected))
+    if origin in (tuple, list):
+        return f"a list of {_describe(typing.get_args(expected)[0]).split(' ', 1)[1]}s"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return "null" if expected is type(None) else names.get(expected, str(expected))
+
+
+def load_job_file(path: str, command: str = "run") -> dict[str, Any]:
+    """A job file's fields, keys normalised to underscores, each checked against the type of
+    its spec field (so `batch_size: "8"` is refused, not coerced)."""
     import yaml
 
     try:
@@ -257,15 +345,22 @@ def load_job_file(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except OSError as e:
         raise UsageError(f"--job {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UsageError(f"--job {path}: not valid YAML: {e}".replace("\n", " ")) from None
     _require(isinstance(data, dict), f"--job {path}: expected a mapping of fields, got {data!r}")
     fields = {str(k).replace("-", "_"): v for k, v in data.items()}
-    known = (
-        {f.name for f in dataclasses.fields(RunSpec)}
-        | {f.name for f in dataclasses.fields(CompileSpec)}
-        | {"batch_size", "sequence_length", "buckets", "max_batch_tokens"}
-    )
-    unknown = sorted(set(fields) - known)
+    spec = WorkerSpec if command == "worker" else RunSpec
+    known = _field_types(spec, CompileSpec)
+    unknown = sorted(set(fields) - set(known))
     _require(not unknown, f"--job {path}: unknown field(s) {', '.join(unknown)}")
+    for name in ("allow_input",):  # one prefix may be written without a list
+        if isinstance(fields.get(name), str):
+            fields[name] = [fields[name]]
+    for name, value in fields.items():
+        _require(
+            _matches(value, known[name]),
+            f"--job {path}: {name} must be {_describe(known[name])}, got {value!r}",
+        )
+    if "allow_input" in fields:
+        fields["allow_input"] = tuple(fields["allow_input"])
     return fields

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from batchjob.config import WorkerSpec
 from batchjob.engine import Engine, Result
 from batchjob.errors import BatchJobError
-from batchjob.messages import InlineWork, JobWork, ObjectWork, Work
+from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, Work
+from batchjob.paths import allowed, is_under, output_problems, overlap
 from batchjob.records import (
     Fields,
     Record,
@@ -30,8 +31,9 @@ from batchjob.records import (
     records_from_objects,
 )
 from batchjob.s3 import S3Url, is_s3
+from batchjob.shards import ShardRef
 from batchjob.sinks import OutputWriter, Row, output_schema, row_columns
-from batchjob.storage import ShardRef, Storage
+from batchjob.storage import Storage
 from batchjob.tasks import task_fields
 
 CHUNK_RECORDS = 256  # records per Engine.infer call
@@ -73,6 +75,9 @@ class Executor:
         self.task_names = [f.name for f in task_fields(engine.artifact.task)]
         self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
         self.inferred = 0  # documents with results so far: for the throughput log
+        self.output = S3Url.parse(spec.output)
+        # None: --allow-any-input. Else what S3 events and job messages may read.
+        self.allowed = None if spec.allow_any_input else [S3Url.parse(p) for p in spec.allow_input]
 
     async def do(self, works: list[Work]) -> Counts:
         counts = Counts(what="; ".join(self.describe(work) for work in works))
@@ -100,22 +105,41 @@ class Executor:
         output = S3Url.parse(self.spec.output)
         return url.bucket == output.bucket and url.key.startswith(output.prefix)
 
+    def _check_input(self, url: S3Url, what: str) -> None:
+        """Nothing outside --allow-input is read (not even listed or looked at)."""
+        if self.allowed is not None and not allowed(url, self.allowed):
+            prefixes = ", ".join(map(str, self.allowed))
+            raise MessageError(f"{what} {url} is not under --allow-input ({prefixes}): refused")
+
     async def _object(self, url: S3Url, output: str) -> Counts:
         """One object → `<output>/<key without extension>.parquet`."""
+        self._check_input(url, "object")
         name = posixpath.basename(url.key)
         ref = ShardRef(str(url), url.key, detect_format(name), is_gzip(name))
+        if why := overlap(output, None, [ref]):
+            raise MessageError(f"{why}: refused")
         return await self._shard(ref, output)
 
     async def _job(self, work: JobWork) -> Counts:
+        self._check_input(S3Url.parse(work.input), "job input")
         output = work.output or self.spec.output
+        out = S3Url.parse(output)
+        if not is_under(S3Url(out.bucket, out.prefix), self.output):
+            raise MessageError(f"job output {output} is not under --output {self.spec.output}")
+        if why := overlap(output, work.input, []):
+            raise MessageError(f"{why}: refused")
         shards = await self.storage.list_shards(work.input, exclude=output, label="job input")
         if len(shards) == 1 and shards[0].path == work.input:  # an object, not a prefix
             return await self._object(S3Url.parse(work.input), output)
-        done = await self.storage.prepare_output(output, list_existing=True)
+        if why := overlap(output, work.input, shards):
+            raise MessageError(f"{why}: refused")
+        done = await self.storage.existing_outputs(output)
         counts = Counts(existing=sum(s.output_rel in done for s in shards))
         todo = [s for s in shards if s.output_rel not in done]
         limit = asyncio.Semaphore(SHARDS_IN_FLIGHT)
-        failed: list[str] = []
+        total, problems = len(todo), output_problems(output, todo)
+        failed = [f"{rel}: {why}" for rel, why in problems.items()]
+        todo = [s for s in todo if s.rel not in problems]
 
         async def one(ref: ShardRef) -> None:
             # A shard that fails doesn't stop the others: their outputs are committed, and
@@ -129,7 +153,7 @@ class Executor:
         await asyncio.gather(*(one(ref) for ref in todo))
         if failed:
             raise BatchJobError(
-                f"{len(failed)} of {len(todo)} shards failed ({counts.outputs} written): "
+                f"{len(failed)} of {total} shards failed ({counts.outputs} written): "
                 + "; ".join(failed[:3])
             )
         return counts

@@ -107,6 +107,8 @@ def _s3_event(records: Any) -> list[Work]:
             raise MessageError(f"{where}: no s3.bucket.name")
         if not isinstance(key, str) or not key:
             raise MessageError(f"{where}: no s3.object.key")
+        if key.endswith("/"):
+            continue  # a "folder" marker: nothing to read
         work.append(ObjectWork(S3Url(bucket, unquote_plus(key))))
     return work
 

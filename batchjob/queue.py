@@ -46,10 +46,12 @@ class Message:
 
 
 def _error(call: str, e: Exception) -> QueueError:
+    """One line, whatever the service put in its message."""
     if isinstance(e, ClientError):
         error = e.response.get("Error", {})
-        return QueueError(f"{call}: {error.get('Code', '?')}: {error.get('Message', '')}")
-    return QueueError(f"{call}: {type(e).__name__}: {e}")
+        message = " ".join(str(error.get("Message", "")).split())
+        return QueueError(f"{call}: {error.get('Code', '?')}: {message}")
+    return QueueError(f"{call}: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 class SqsQueue:
@@ -70,8 +72,10 @@ class SqsQueue:
 
     async def __aenter__(self) -> SqsQueue:
         config = Config(
+            connect_timeout=10,
             read_timeout=MAX_WAIT_SECONDS + 20,  # above the long poll, or every idle poll fails
             max_pool_connections=self.connections,
+            tcp_keepalive=True,
         )
         client = aioboto3.Session().client("sqs", config=config)
         self._client = await self._stack.enter_async_context(client)

@@ -191,12 +191,26 @@ def _error(rel: str, unit: str, n: int, problem: object) -> Record:
     return Record(f"{rel}:{n}", None, error=f"{rel} {unit} {n}: {problem}")
 
 
-def _id(value: object, fallback: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _id(value: object, name: str, fallback: str) -> str:
+    """Strings as they are, integers as their decimal text, missing or null: the fallback.
+    Anything else (a float, a bool, an object, a list) is refused: its text would not be
+    the id the user knows (1.0 vs 1, True vs true)."""
+    if value is None:
         return fallback
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # pandas stores integer ids with nulls as float64
-    return str(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = {bool: "a boolean", float: "a float", dict: "an object", list: "an array"}
+    got = kind.get(type(value), type(value).__name__)
+    raise _Bad(f"field {name!r} (the id) must be a string or an integer, got {got}")
+
+
+def _parquet_id(value: object) -> object:
+    """pandas stores integer ids with nulls as float64: 7.0 is 7, NaN is null."""
+    if isinstance(value, float) and (math.isnan(value) or value.is_integer()):
+        return None if math.isnan(value) else int(value)
+    return value
 
 
 def _text(values: Mapping[str, object], name: str, types: Mapping[str, str]) -> str:
@@ -222,9 +236,10 @@ def _record(
     try:
         text = _text(values, fields.text, types or {})
         pair = None if fields.text_pair is None else _text(values, fields.text_pair, types or {})
+        record_id = _id(id_value, fields.id, f"{rel}:{n}")
     except _Bad as e:
         return _error(rel, unit, n, e)
-    return Record(_id(id_value, f"{rel}:{n}"), text, pair)
+    return Record(record_id, text, pair)
 
 
 def _json_object(text: str) -> dict[str, object]:
@@ -370,4 +385,5 @@ def _parquet_records(
         for i in range(batch.num_rows):
             n += 1
             values = {c: data[c][i] for c in columns}
-            yield _record(values, values.get(fields.id), fields, (rel, "row", n), types)
+            record_id = _parquet_id(values.get(fields.id))
+            yield _record(values, record_id, fields, (rel, "row", n), types)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from batchjob.artifact import Artifact, ArtifactLoader
 from batchjob.backends import get_backend
@@ -28,13 +29,15 @@ from batchjob.batching import Batch, Item, make_batcher
 from batchjob.compile import ensure_artifact
 from batchjob.config import RunSpec
 from batchjob.errors import BatchJobError, UsageError
+from batchjob.paths import output_problems, overlap
 from batchjob.progress import Progress
 from batchjob.records import Fields, Record, read_records
-from batchjob.replica_process import plan_placements
+from batchjob.replica_process import Placement, plan_placements
 from batchjob.replicas import ReplicaPool
 from batchjob.s3 import is_s3
+from batchjob.shards import ShardRef
 from batchjob.sinks import OutputWriter, Row, output_schema, row_columns
-from batchjob.storage import ShardRef, Storage
+from batchjob.storage import Storage
 from batchjob.tasks import task_columns, task_fields
 from batchjob.tokens import Encoded, RecordTokenizer
 
@@ -80,6 +83,12 @@ class Report:
     seconds: float = 0.0  # the whole run
     pipeline_seconds: float = 0.0  # from replicas ready to the last shard committed
 
+    def account(self, shards: list[ShardRef], reason: str) -> None:
+        """Every shard is listed once, as done, skipped or failed: those the run never
+        finished are failed with `reason`."""
+        listed = {*self.done, *self.skipped, *(f["shard"] for f in self.failed)}
+        self.failed += [{"shard": s.rel, "error": reason} for s in shards if s.rel not in listed]
+
 
 def run(spec: RunSpec) -> int:
     """Run the job; 0 when every shard is done, 1 when some failed. UsageError: nothing written."""
@@ -99,44 +108,66 @@ def run(spec: RunSpec) -> int:
 
 async def _main(spec: RunSpec, started: float) -> Report:
     # Connections: the shards downloading ahead, the uploads, a listing.
-    async with Storage(connections=spec.max_shards_in_flight + 6) as storage:
+    storage = Storage(
+        connections=spec.max_shards_in_flight + 6, expected_bucket_owner=spec.expected_bucket_owner
+    )
+    async with storage:
+        # Everything that can be known before the first batch is checked before it: a
+        # refusal (UsageError) writes nothing.
         if spec.input_manifest:
             shards = await storage.read_shard_list(spec.input_manifest, spec.format)
         else:
             shards = await storage.list_shards(spec.input, spec.format, exclude=spec.output)
+        if why := overlap(spec.output, spec.input or None, shards):
+            raise UsageError(f"{why}: its results would overwrite or shadow the input")
         if spec.text_pair_field and any(s.format == "txt" for s in shards):
             raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
         artifact = ensure_artifact(spec.compile, spec.cache_dir)
+        device = get_backend(artifact.backend).device
+        placements = plan_placements(spec.replicas, spec.cores_per_replica, device)
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
-        todo = [s for s in shards if s.output_rel not in done_before]
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         if report.skipped:
-            log.info("--resume: %d shard(s) already done, %d to go", len(report.skipped), len(todo))
+            log.info("--resume: %d shard(s) already done", len(report.skipped))
+        todo = [s for s in shards if s.output_rel not in done_before]
+        for rel, why in output_problems(spec.output, todo).items():
+            log.error("shard failed: %s: %s", rel, why)
+            report.failed.append({"shard": rel, "error": why})
+        blocked = {f["shard"] for f in report.failed}
+        unfinished = "not finished: the run stopped"
         try:
-            await _run(spec, artifact, storage, todo, report)
+            todo = [s for s in todo if s.rel not in blocked]
+            await _run(spec, artifact, placements, storage, todo, report)
         except asyncio.CancelledError:
             if task := asyncio.current_task():
                 task.uncancel()  # handled here: the manifest still gets written
+            unfinished = "not finished: interrupted by a signal; run again with --resume"
             raise BatchJobError(
                 f"interrupted by a signal after {len(report.done)} shard(s); "
                 "run again with --resume to finish"
             ) from None
+        except Exception as e:
+            unfinished = f"not finished: the run failed: {e}"
+            raise
         finally:
             report.seconds = time.monotonic() - started
+            report.account(shards, unfinished)
             await storage.write_manifest(spec.output, _manifest(spec, artifact, report))
     return report
 
 
 async def _run(
-    spec: RunSpec, artifact: Artifact, storage: Storage, shards: list[ShardRef], report: Report
+    spec: RunSpec,
+    artifact: Artifact,
+    placements: list[Placement],
+    storage: Storage,
+    shards: list[ShardRef],
+    report: Report,
 ) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: task.cancel() if task else None)
-    placements = plan_placements(
-        spec.replicas, spec.cores_per_replica, get_backend(artifact.backend).device
-    )
     pool = ReplicaPool(
         ArtifactLoader(artifact.path), placements, start_timeout=spec.replica_start_timeout
     )
@@ -207,7 +238,14 @@ class _Job:
         async with self.storage.prefetch(shards, self.spec.max_shards_in_flight) as opened:
             async for shard in opened:
                 ref = shard.ref
-                writer = await self.storage.writer(self.spec.output, ref.output_rel, self.schema)
+                try:
+                    output, rel = self.spec.output, ref.output_rel
+                    writer = await self.storage.writer(output, rel, self.schema)
+                except (BatchJobError, OSError) as e:
+                    shard.close()
+                    self.report.failed.append({"shard": ref.rel, "error": _reason(e)})
+                    log.error("shard failed: %s: %s", ref.rel, _reason(e))
+                    continue
                 state = ShardState(ref, writer)
                 self.open_shards.append(state)
                 try:
@@ -225,8 +263,10 @@ class _Job:
                     while (records := await asyncio.to_thread(_next_chunk, reader)) is not None:
                         encoded = await asyncio.to_thread(self.tokenizer.encode, records)
                         await out.put((state, records, encoded))
+                        if state.failed:  # its output can't be written: stop reading it
+                            break
                 except (BatchJobError, OSError, EOFError) as e:
-                    await out.put((state, f"{type(e).__name__}: {e}", None))
+                    await out.put((state, _reason(e), None))
                     continue
                 finally:
                     shard.close()
@@ -298,7 +338,11 @@ class _Job:
         whole = state.total is not None and end == state.total
         if end - state.written >= ROWS_PER_WRITE or (whole and end > state.written):
             rows = [state.ready.pop(i) for i in range(state.written, end)]
-            state.writer.write(row_columns(self.task_names, rows))
+            try:
+                state.writer.write(row_columns(self.task_names, rows))
+            except (OSError, pa.ArrowException) as e:  # a full disk, a lost mount
+                self.fail_shard(state, f"writing its output: {_reason(e)}")
+                return
             state.written = end
             state.errors += sum(1 for r in rows if r[3] is not None)
             state.truncated += sum(1 for r in rows if r[2])
@@ -316,8 +360,8 @@ class _Job:
     async def publish(self, state: ShardState) -> None:
         try:
             written = await state.writer.commit()
-        except (BatchJobError, OSError) as e:
-            self.record_failure(state, f"{type(e).__name__}: {e}")
+        except (BatchJobError, OSError, pa.ArrowException) as e:
+            self.record_failure(state, f"publishing its output: {_reason(e)}")
             return
         if not written:
             log.info("shard %s: its output exists already (another run wrote it)", state.ref.rel)
@@ -339,6 +383,10 @@ class _Job:
         log.error("shard failed: %s: %s", state.ref.rel, reason)
         state.failed = reason
         self.report.failed.append({"shard": state.ref.rel, "error": reason})
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def _next_chunk(reader: Iterator[list[Record]]) -> list[Record] | None:

@@ -39,6 +39,8 @@ CHUNKS_AHEAD = 2  # per open object: downloaded but not yet read (bounds memory)
 MULTIPART_THRESHOLD = 64 << 20  # larger files are uploaded in parts
 PART_BYTES = 16 << 20  # ≥ 5 MiB, S3's minimum part size; at most 10,000 parts
 UPLOADS_IN_FLIGHT = 4
+CONNECT_TIMEOUT = 10  # seconds
+READ_TIMEOUT = 60  # seconds without a byte from S3: botocore gives up on that attempt
 # botocore retries a request until its response headers arrive; a body that breaks later
 # (a reset connection mid-object) is resumed from where it broke with a ranged GET.
 BODY_RESUMES = 3
@@ -97,10 +99,11 @@ def s3_error(call: str, url: S3Url, e: Exception) -> S3Error:
         code = str(error.get("Code") or meta.get("HTTPStatusCode", "?"))
         attempts = int(meta.get("RetryAttempts", 0)) + 1
         after = f" after {attempts} attempts" if attempts > 1 else ""
-        message = error.get("Message") or ""
+        message = " ".join(str(error.get("Message") or "").split())  # one line, always
         text = f"{call} {url}: {code}{after}" + (f": {message}" if message else "")
         return S3Error(text, code, int(meta.get("HTTPStatusCode") or 0))
-    return S3Error(f"{call} {url}: {type(e).__name__}: {e}", type(e).__name__)
+    text = " ".join(str(e).split())
+    return S3Error(f"{call} {url}: {type(e).__name__}: {text}", type(e).__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +122,10 @@ class S3:
         connections: int = 10,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_bytes: int = PART_BYTES,
+        expected_bucket_owner: str | None = None,
     ) -> None:
         self.connections = connections
+        self.expected_bucket_owner = expected_bucket_owner
         self.multipart_threshold = multipart_threshold
         self.part_bytes = part_bytes
         self._stack = contextlib.AsyncExitStack()
@@ -128,11 +133,27 @@ class S3:
         self._uploads = asyncio.Semaphore(UPLOADS_IN_FLIGHT)
 
     async def __aenter__(self) -> S3:
-        # Only the pool size is ours; retries and endpoints stay as the environment says.
-        config = Config(max_pool_connections=self.connections)
+        # The pool size and timeouts are ours (a stalled peer must not hold a connection for
+        # long); retries and endpoints stay as the environment says.
+        config = Config(
+            max_pool_connections=self.connections,
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+            tcp_keepalive=True,
+        )
         client = aioboto3.Session().client("s3", config=config)
         self._client = await self._stack.enter_async_context(client)
+        if self.expected_bucket_owner is not None:
+            self._client.meta.events.register(
+                "provide-client-params.s3.*", self._add_expected_bucket_owner
+            )
         return self
+
+    def _add_expected_bucket_owner(self, params: dict[str, Any], model: Any, **_: Any) -> None:
+        """Every call that can name the bucket's owner names it: S3 then refuses (403) a
+        bucket of another account, e.g. one taken over after ours was deleted."""
+        if "ExpectedBucketOwner" in model.input_shape.members:
+            params.setdefault("ExpectedBucketOwner", self.expected_bucket_owner)
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
@@ -152,13 +173,6 @@ class S3:
             if not page.get("IsTruncated"):
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
-
-    async def probe(self, url: S3Url) -> None:
-        """Fail fast on a bucket that doesn't exist (one cheap listing call)."""
-        try:
-            await self._client.list_objects_v2(Bucket=url.bucket, Prefix=url.key, MaxKeys=1)
-        except (ClientError, BotoCoreError) as e:
-            raise s3_error("ListObjectsV2", url, e) from e
 
     async def head(self, url: S3Url) -> ObjectInfo | None:
         """The object's size and ETag; None when there is no such object."""

@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
+import re
+import socket
 import tempfile
 from typing import Any, Protocol
 
@@ -51,12 +54,49 @@ def row_columns(task_names: list[str], rows: list[Row]) -> dict[str, list[Any]]:
 
 
 def output_rel(rel: str) -> str:
-    """`a/b.jsonl.gz` → `a/b.parquet`: the input's relative path, its extensions replaced."""
-    head, name = os.path.split(rel)
-    if name.endswith(".gz"):
+    """`a/b.jsonl.gz` → `a/b.parquet`: the input's relative path, its extensions replaced.
+    String work only: an S3 key's `//` and `..` are kept as they are."""
+    head, slash, name = rel.rpartition("/")
+    if name.lower().endswith(".gz"):
         name = name[:-3]
-    stem, _ = os.path.splitext(name)
-    return os.path.join(head, stem + ".parquet")
+    stem, _ = posixpath.splitext(name)
+    return f"{head}{slash}{stem}.parquet"
+
+
+def _owner() -> str:
+    """Who writes a local temp file: host and pid, so that `--resume` can tell the temp files
+    of runs that are gone (on this host) from those of runs still going."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def stale_temp_files(output: str | None = None) -> list[str]:
+    """Temp files of runs of this host whose process is gone: under a local `output`
+    (`.<name>.<host>-<pid>.tmp`), or with None the system temp directory's, where S3
+    outputs are staged (`batchjob-<host>-<pid>-*.parquet`; not recursive)."""
+    host = re.escape(socket.gethostname())
+    if output is None:
+        pattern = re.compile(rf"^batchjob-{host}-(\d+)-.*\.parquet$")
+        top = tempfile.gettempdir()
+        walk: list[tuple[str, list[str], list[str]]] = [(top, [], os.listdir(top))]
+    else:
+        pattern = re.compile(rf"^\..+\.{host}-(\d+){re.escape(TMP_SUFFIX)}$")
+        walk = list(os.walk(output))
+    return [
+        os.path.join(dirpath, name)
+        for dirpath, _, filenames in walk
+        for name in filenames
+        if (match := pattern.match(name)) and not _alive(int(match.group(1)))
+    ]
 
 
 class OutputWriter(Protocol):
@@ -88,27 +128,33 @@ class _ParquetTemp:
         self.rows += table.num_rows
 
     def abort(self) -> None:
-        self._writer.close()
+        # Also after a failed write (a full disk): closing may fail again; the file goes.
+        with contextlib.suppress(OSError, pa.ArrowException):
+            self._writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 
 
 class ShardWriter(_ParquetTemp):
-    """Rows in input order → `<path>`, via `.<name>.<unique>.tmp` and a rename on commit.
+    """Rows in input order → `<path>`, via `.<name>.<host>-<pid>.tmp` and a rename on commit.
 
     The temp name starts with a dot, so dataset readers (pyarrow, Spark, Athena) skip it
     while the job runs, and also when a killed run left it behind.
     """
 
-    def __init__(self, path: str, schema: pa.Schema, unique: str) -> None:
+    def __init__(self, path: str, schema: pa.Schema) -> None:
         self.path = path
         head, name = os.path.split(path)
         os.makedirs(head or ".", exist_ok=True)
-        super().__init__(os.path.join(head, f".{name}.{unique}{TMP_SUFFIX}"), schema)
+        super().__init__(os.path.join(head, f".{name}.{_owner()}{TMP_SUFFIX}"), schema)
 
     async def commit(self) -> bool:
-        self._writer.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._writer.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return True
 
 
@@ -118,17 +164,16 @@ class S3ShardWriter(_ParquetTemp):
     def __init__(self, s3: S3, url: S3Url, schema: pa.Schema) -> None:
         self.s3 = s3
         self.url = url
-        fd, tmp = tempfile.mkstemp(prefix=f"batchjob-{os.getpid()}-", suffix=".parquet")
+        fd, tmp = tempfile.mkstemp(prefix=f"batchjob-{_owner()}-", suffix=".parquet")
         os.close(fd)
         super().__init__(tmp, schema)
 
     async def commit(self) -> bool:
-        self._writer.close()
         try:
+            self._writer.close()
             return await self.s3.put_file_once(self.tmp, self.url)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp)
+            self.abort()  # the temp file goes, published or not
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:

@@ -6,98 +6,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import posixpath
+import tempfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 import pyarrow as pa
 
-from batchjob.errors import BatchJobError, UsageError
-from batchjob.records import detect_format, is_gzip
+from batchjob.errors import BatchJobError, StorageError, UsageError
+from batchjob.paths import local_output_path
 from batchjob.s3 import S3, S3Error, S3Url, is_s3
+from batchjob.shards import ShardRef, checked, hidden, list_shards, parse_shard_list, shard
 from batchjob.sinks import (
     MANIFEST,
     OutputWriter,
     S3ShardWriter,
     ShardWriter,
     manifest_bytes,
-    output_rel,
+    stale_temp_files,
     write_manifest,
 )
 
 log = logging.getLogger("batchjob.storage")
 
 SHARD_LIST_MAX_BYTES = 64 << 20  # an --input-manifest is read whole
-NO_SHARDS = "no shards (.jsonl, .csv, .parquet, .txt, optionally .gz)"
-
-
-@dataclass(frozen=True, slots=True)
-class ShardRef:
-    path: str  # where to read it: a local path or an s3:// URI
-    rel: str  # relative to the input root, extension included: ids and output names use it
-    format: str
-    gzip: bool
-
-    @property
-    def output_rel(self) -> str:
-        return output_rel(self.rel)
-
-
-def _hidden(rel: str) -> bool:
-    """Names starting with "." or "_" (`_SUCCESS`, `_manifest.json`, `.tmp/`) aren't shards."""
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
-
-
-def _checked(where: str, shards: list[ShardRef], skipped: list[str]) -> list[ShardRef]:
-    if skipped:
-        log.warning("skipping %d file(s) of no supported format, e.g. %s", len(skipped), skipped[0])
-    if not shards:
-        raise UsageError(f"{where}: {NO_SHARDS}")
-    seen: dict[str, str] = {}
-    for shard in shards:
-        if shard.rel.startswith("/") or ".." in shard.rel.split("/"):
-            raise UsageError(f"{where}: {shard.rel!r} would be written outside the output")
-        other = seen.setdefault(shard.output_rel, shard.rel)
-        if other != shard.rel:
-            raise UsageError(
-                f"{where}: {other} and {shard.rel} would both be written to {shard.output_rel}"
-            )
-    return shards
-
-
-def list_shards(root: str, fmt: str = "auto", exclude: str | None = None) -> list[ShardRef]:
-    """The shards under local `root` (a file or a directory tree), in a stable order.
-
-    `exclude` (the output directory, when it lies inside the input) is not descended into.
-    """
-    skip_dir = os.path.abspath(exclude) if exclude and not is_s3(exclude) else None
-    if os.path.isfile(root):
-        name = os.path.basename(root)
-        return [ShardRef(root, name, detect_format(name, fmt), is_gzip(name))]
-    if not os.path.isdir(root):
-        raise UsageError(f"--input {root}: no such file or directory")
-    shards, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith((".", "_"))
-            and os.path.abspath(os.path.join(dirpath, d)) != skip_dir
-        )
-        for name in sorted(filenames):
-            if name.startswith((".", "_")):
-                continue
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            try:
-                shards.append(ShardRef(path, rel, detect_format(name, fmt), is_gzip(name)))
-            except UsageError:
-                skipped.append(rel)
-    return _checked(f"--input {root}", shards, skipped)
+WRITE_CHECK = "_batchjob/write-check"  # what the S3 write check leaves under an output
 
 
 def existing_local_outputs(output: str) -> set[str]:
@@ -126,22 +62,42 @@ def _read_local(path: str, limit: int) -> bytes:
     return data
 
 
+async def _is_object(s3: S3, url: S3Url) -> bool:
+    """Whether `url` names an object rather than a prefix. A policy that grants reads only
+    under the prefix answers the HEAD 403: then it is taken for a prefix, and listed."""
+    try:
+        return await s3.head(url) is not None
+    except S3Error as e:
+        if e.status != 403:
+            raise
+        return False
+
+
 def _usage(flag: str, e: S3Error) -> BatchJobError:
     """A listing that can never work (no bucket, no access) is a bad invocation."""
     return UsageError(f"{flag}: {e}") if e.client_fault else e
 
 
-def _relative_to_common_dir(uris: list[str]) -> list[str]:
-    """Each of `uris` (s3:// or local) as a path below the deepest directory they all share:
-    [s3://b/p/x/a.jsonl, s3://b/p/b.jsonl] → [x/a.jsonl, b.jsonl]."""
-    paths = [
-        uri[len("s3://") :] if is_s3(uri) else os.path.abspath(uri).lstrip("/") for uri in uris
-    ]
-    dirs = [p.split("/")[:-1] for p in paths]
-    depth = 0
-    while dirs and all(len(d) > depth and d[depth] == dirs[0][depth] for d in dirs):
-        depth += 1
-    return ["/".join(p.split("/")[depth:]) for p in paths]
+def _remove_stale_temp_files(output: str | None) -> None:
+    for path in stale_temp_files(output):
+        log.info("removing %s, left by a run that is gone", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _check_local_output(output: str) -> None:
+    """Create `output` and write (then remove) a file in it: a read-only or full file system,
+    a missing permission or a file in the way is found before any work."""
+    try:
+        os.makedirs(output, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".batchjob-write-check-", dir=output)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--output {output}: can't be written: {e.strerror or e}") from None
 
 
 class Storage:
@@ -150,8 +106,9 @@ class Storage:
     `async with Storage() as storage:`; one per event loop.
     """
 
-    def __init__(self, *, connections: int = 10) -> None:
+    def __init__(self, *, connections: int = 10, expected_bucket_owner: str | None = None) -> None:
         self.connections = connections
+        self.expected_bucket_owner = expected_bucket_owner
         self._stack = contextlib.AsyncExitStack()
         self._s3: S3 | None = None
 
@@ -163,7 +120,8 @@ class Storage:
 
     async def s3(self) -> S3:
         if self._s3 is None:
-            self._s3 = await self._stack.enter_async_context(S3(connections=self.connections))
+            s3 = S3(connections=self.connections, expected_bucket_owner=self.expected_bucket_owner)
+            self._s3 = await self._stack.enter_async_context(s3)
         return self._s3
 
     # -- input ------------------------------------------------------------------------------
@@ -173,66 +131,46 @@ class Storage:
     ) -> list[ShardRef]:
         """The shards of `root`: a file or object (one shard), or everything under a directory
         or prefix, in a stable order (key order on S3). `exclude`: the output, when it lies
-        inside the input. `label` names `root` in errors."""
+        inside the input. Not listed: folder markers (keys ending in "/"), hidden names, and
+        the outputs of earlier runs (under a `_manifest.json`). `label` names `root` in errors."""
         if not is_s3(root):
             return list_shards(root, fmt, exclude)
         url, s3 = S3Url.parse(root), await self.s3()
         try:
-            if url.key and not url.key.endswith("/") and await s3.head(url) is not None:
-                name = posixpath.basename(url.key)
-                return [ShardRef(root, name, detect_format(name, fmt), is_gzip(name))]
-            prefix, skip = url.prefix, None
-            if exclude and is_s3(exclude):  # the output, when it lies inside the input
-                out = S3Url.parse(exclude)
-                inside = out.bucket == url.bucket and out.prefix.startswith(prefix)
-                skip = out.prefix if inside and out.prefix != prefix else None
-            shards, skipped = [], []
-            async for obj in s3.list_objects(S3Url(url.bucket, prefix)):
-                rel = obj.key[len(prefix) :]
-                if not rel or rel.endswith("/") or _hidden(rel):
-                    continue  # "folder" markers, and hidden names as locally
-                if skip is not None and obj.key.startswith(skip):
-                    continue
-                name = posixpath.basename(rel)
-                try:
-                    uri = str(S3Url(url.bucket, obj.key))
-                    shards.append(ShardRef(uri, rel, detect_format(name, fmt), is_gzip(name)))
-                except UsageError:
-                    skipped.append(rel)
+            if url.key and not url.key.endswith("/") and await _is_object(s3, url):
+                return [shard(root, posixpath.basename(url.key), fmt)]
+            prefix = url.prefix
+            objects = [obj.key async for obj in s3.list_objects(S3Url(url.bucket, prefix))]
         except S3Error as e:
             raise _usage(f"{label} {root}", e) from None
+        skip = []  # key prefixes not to read: the output, earlier outputs
+        if exclude and is_s3(exclude):
+            out = S3Url.parse(exclude)
+            if out.bucket == url.bucket and out.prefix.startswith(prefix) and out.prefix != prefix:
+                skip.append(out.prefix)
+        for key in objects:
+            if key.endswith("/" + MANIFEST) and len(key) > len(prefix + MANIFEST):
+                skip.append(key[: -len(MANIFEST)])
+                log.warning("skipping s3://%s/%s: an earlier run's output", url.bucket, skip[-1])
+        shards, skipped = [], []
+        for key in objects:
+            rel = key[len(prefix) :]
+            if not rel or rel.endswith("/") or hidden(rel) or key.startswith(tuple(skip)):
+                continue
+            try:
+                shards.append(shard(str(S3Url(url.bucket, key)), rel, fmt))
+            except UsageError:
+                skipped.append(rel)
         if not shards and not skipped:
             raise UsageError(f"{label} {root}: no such object, nor objects under {prefix!r}")
-        return _checked(f"{label} {root}", shards, skipped)
+        return checked(f"{label} {root}", shards, skipped)
 
     async def read_shard_list(self, uri: str, fmt: str = "auto") -> list[ShardRef]:
-        """The shards an `--input-manifest` names, in its order. Either a SageMaker manifest,
-        `[{"prefix": "s3://b/p/"}, "rel/a.jsonl", ...]` (each shard's rel is its entry), or
-        URIs or paths one a line (rel: the path below the directory they all share)."""
-        text = (await self._read_small(uri, "--input-manifest")).decode("utf-8", "replace")
-        try:
-            entries = json.loads(text) if text.lstrip().startswith("[") else None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--input-manifest {uri}: not valid JSON: {e}") from None
-        if entries is not None:
-            head = entries[0] if entries else None
-            if not (isinstance(head, dict) and isinstance(head.get("prefix"), str)):
-                raise UsageError(
-                    f'--input-manifest {uri}: a JSON manifest starts with {{"prefix": "..."}}'
-                )
-            if not all(isinstance(e, str) and e for e in entries[1:]):
-                raise UsageError(f"--input-manifest {uri}: entries after the prefix are strings")
-            base = head["prefix"] if head["prefix"].endswith("/") else head["prefix"] + "/"
-            pairs = [(base + rel, rel) for rel in entries[1:]]
-        else:
-            lines = [ln.strip() for ln in text.splitlines()]
-            paths = [ln for ln in lines if ln and not ln.startswith("#")]
-            pairs = list(zip(paths, _relative_to_common_dir(paths), strict=True))
-        shards = []
-        for path, rel in pairs:
-            name = posixpath.basename(rel)
-            shards.append(ShardRef(path, rel, detect_format(name, fmt), is_gzip(name)))
-        return _checked(f"--input-manifest {uri}", shards, [])
+        """The shards an `--input-manifest` names, in its order (`shards.parse_shard_list`)."""
+        data = await self._read_small(uri, "--input-manifest")
+        # surrogateescape: a local path that is not UTF-8 still names its file.
+        text = data.decode("utf-8", "surrogateescape")
+        return parse_shard_list(text, f"--input-manifest {uri}", fmt)
 
     async def _read_small(self, uri: str, flag: str) -> bytes:
         if not is_s3(uri):
@@ -261,28 +199,43 @@ class Storage:
     # -- output -----------------------------------------------------------------------------
 
     async def prepare_output(self, output: str, *, list_existing: bool = False) -> set[str]:
-        """Check that `output` can take outputs (create the directory, or fail fast on a
-        missing bucket); with `list_existing` (--resume), return the relative paths of the
-        shard outputs already there, in one listing (not a HEAD per shard)."""
+        """`check_writable`, then with `list_existing` (--resume) `existing_outputs`."""
+        await self.check_writable(output)
+        return await self.existing_outputs(output) if list_existing else set()
+
+    async def check_writable(self, output: str) -> None:
+        """Before any work: a missing bucket or directory, no permission, a read-only file
+        system are a UsageError naming the output."""
         if not is_s3(output):
-            os.makedirs(output, exist_ok=True)
-            return existing_local_outputs(output) if list_existing else set()
+            await asyncio.to_thread(_check_local_output, output)
+            return
+        # One small object, overwritten by every start: only a write proves a write works.
+        note = b"batchjob checks here that it may write under this prefix\n"
+        try:
+            await (await self.s3()).put_bytes(
+                S3Url.parse(output).join(WRITE_CHECK), note, "text/plain"
+            )
+        except S3Error as e:
+            raise UsageError(f"--output {output}: can't be written: {e}") from None
+        await asyncio.to_thread(_remove_stale_temp_files, None)  # where S3 outputs are staged
+
+    async def existing_outputs(self, output: str) -> set[str]:
+        """The relative paths of the shard outputs already under `output`, in one listing
+        (not a HEAD per shard). Locally, also removes the temp files left by runs of this
+        host that are gone."""
+        if not is_s3(output):
+            await asyncio.to_thread(_remove_stale_temp_files, output)
+            return await asyncio.to_thread(existing_local_outputs, output)
         url, s3 = S3Url.parse(output), await self.s3()
         prefix = S3Url(url.bucket, url.prefix)
         try:
-            if list_existing:
-                return {
-                    obj.key[len(prefix.key) :]
-                    async for obj in s3.list_objects(prefix)
-                    if obj.key.endswith(".parquet")
-                }
-            await s3.probe(prefix)
+            return {
+                obj.key[len(prefix.key) :]
+                async for obj in s3.list_objects(prefix)
+                if obj.key.endswith(".parquet")
+            }
         except S3Error as e:
-            if list_existing or e.code != "AccessDenied":
-                raise _usage(f"--output {output}", e) from None
-            # Write-only credentials are legitimate without --resume.
-            log.warning("--output %s: can't list it (%s); going on", output, e.code)
-        return set()
+            raise _usage(f"--output {output}", e) from None
 
     async def output_exists(self, output: str, rel: str) -> bool:
         """Whether `<output>/<rel>` is published already (a HEAD on S3). Without
@@ -300,14 +253,22 @@ class Storage:
             return False
 
     async def writer(self, output: str, rel: str, schema: pa.Schema) -> OutputWriter:
-        """Where a shard's rows go: `<output>/<rel>`, published whole on commit."""
+        """Where a shard's rows go: `<output>/<rel>`, published whole on commit. A local path
+        that would leave `output` (`..` in an S3 key) is a StorageError: that shard fails."""
         if not is_s3(output):
-            return ShardWriter(os.path.join(output, rel), schema, f"{os.getpid()}")
+            path = local_output_path(output, rel)
+            if path is None:
+                raise StorageError(f"its output {rel} would be written outside {output}")
+            return await asyncio.to_thread(ShardWriter, path, schema)
         return S3ShardWriter(await self.s3(), S3Url.parse(output).join(rel), schema)
 
     async def write_manifest(self, output: str, manifest: dict[str, Any]) -> None:
+        """StorageError when it can't be written (a full disk, S3 errors past retries)."""
         if not is_s3(output):
-            write_manifest(output, manifest)
+            try:
+                write_manifest(output, manifest)
+            except OSError as e:
+                raise StorageError(f"can't write {output}/{MANIFEST}: {e}") from None
             return
         url = S3Url.parse(output).join(MANIFEST)
         await (await self.s3()).put_bytes(url, manifest_bytes(manifest), "application/json")

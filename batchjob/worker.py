@@ -338,8 +338,9 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
     try:
         async with contextlib.AsyncExitStack() as stack:
             queue = await stack.enter_async_context(SqsQueue(spec.queue))
-            storage = await stack.enter_async_context(Storage(connections=32))
-            await storage.prepare_output(spec.output)
+            storage = Storage(connections=32, expected_bucket_owner=spec.expected_bucket_owner)
+            await stack.enter_async_context(storage)
+            await storage.check_writable(spec.output)
             artifact = await asyncio.to_thread(ensure_artifact, spec.compile, spec.cache_dir)
             if spec.compile.task is not None and artifact.task != spec.compile.task:
                 raise UsageError(
@@ -366,6 +367,11 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
                 queue.url, pool.size, spec.max_messages_in_flight, queue.visibility_timeout,
                 "" if queue.max_receive_count is None
                 else f", dead-letter queue after {queue.max_receive_count} receives",
+            )  # fmt: skip
+            log.info(
+                "messages may read %s; outputs go under %s",
+                "any object (--allow-any-input)" if spec.allow_any_input
+                else ", ".join(spec.allow_input), spec.output,
             )  # fmt: skip
             summary = await worker.run()
             return summary, worker.fatal

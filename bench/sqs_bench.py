@@ -107,6 +107,7 @@ class _Bench:
         load, out, log = _load(), f"worker-{i}/", self.home / f"worker-{i}.log"
         args = ["worker", *self.model, "--queue", self.queue]
         args += ["--output", f"s3://{BUCKET}/{out}", "--exit-when-idle", IDLE_SECONDS]
+        args += ["--allow-input", f"s3://{BUCKET}/"]
         stdout = _batchjob(args, self.env, log)
         if not (found := _SUMMARY.search(stdout)):
             raise RuntimeError(f"no summary line in the worker's stdout: {stdout!r}")

@@ -130,21 +130,25 @@ class Bucket:
         data: bytes = self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
         return data
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def keys(self, prefix: str = "", *, internal: bool = False) -> list[str]:
+        """The keys under `prefix`; with `internal`, also batchjob's own under `_batchjob/`
+        (the write check every start leaves)."""
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.name, Prefix=prefix
         )
-        return [obj["Key"] for page in pages for obj in page.get("Contents", ())]
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", ())]
+        return keys if internal else [k for k in keys if "_batchjob/" not in k]
 
     def versions(self, prefix: str = "") -> dict[str, int]:
-        """Key → how many versions (versioning must be on)."""
+        """Key → how many versions (versioning must be on); not batchjob's own keys."""
         counts: dict[str, int] = {}
         pages = self.client.get_paginator("list_object_versions").paginate(
             Bucket=self.name, Prefix=prefix
         )
         for page in pages:
             for v in page.get("Versions", ()):
-                counts[v["Key"]] = counts.get(v["Key"], 0) + 1
+                if "_batchjob/" not in v["Key"]:
+                    counts[v["Key"]] = counts.get(v["Key"], 0) + 1
         return counts
 
     def multipart_uploads(self) -> list[str]:
@@ -195,6 +199,10 @@ class Request:
     path: str  # decoded: key and query as the server sees them
     headers: dict[str, str]
 
+    @property
+    def lower_headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.headers.items()}
+
 
 @dataclass
 class FaultProxy:
@@ -204,6 +212,8 @@ class FaultProxy:
     # moto checks If-None-Match and then stores, not atomically as S3 does: two racing
     # conditional PUTs can both pass. Forwarding writes one at a time restores S3's behaviour.
     serialize_writes: bool = False
+    # As S3 does: a request naming another account as the bucket's owner is refused (403).
+    bucket_owner: str | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -235,6 +245,11 @@ class FaultProxy:
         with self._lock:
             return [r for r in self.requests if r.method == method and path in r.path]
 
+    def s3_requests(self) -> list[Request]:
+        """The requests to S3 (SQS's, through the same endpoint, name an X-Amz-Target)."""
+        with self._lock:
+            return [r for r in self.requests if "x-amz-target" not in r.lower_headers]
+
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
@@ -263,6 +278,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             path = urllib.parse.unquote(self.path)
             proxy.log(Request(self.command, path, dict(self.headers.items())))
             fault = proxy.fault_for(self.command, path)
+            expected = self.headers.get("x-amz-expected-bucket-owner")
+            if proxy.bucket_owner and expected not in (None, proxy.bucket_owner):
+                fault = Fault(self.command, path, status=403, code="AccessDenied")
             if fault is not None and fault.delay:
                 time.sleep(fault.delay)  # a stalled request: answered normally, late
                 fault = None

@@ -129,6 +129,8 @@ def worker_process(
     name = f"worker-{next(_names)}"
     cmd = [sys.executable, "-m", "batchjob", "--log-level", "INFO", "worker", "--model", artifact]
     cmd += ["--queue", queue.url, "--output", output, "--replicas", "1", *flags]
+    if not any(f.startswith("--allow-") for f in flags):  # the output's bucket, by default
+        cmd += ["--allow-input", output[: output.index("/", len("s3://")) + 1]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     stdout, stderr = tmp / f"{name}.out", tmp / f"{name}.err"
     with stdout.open("w") as out_file, stderr.open("w") as err_file:

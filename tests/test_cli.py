@@ -151,6 +151,23 @@ BAD_INVOCATIONS: dict[str, Case] = {
         lambda c: c.run("--job", _job_file(c, "colour: blue\nreplicas: 1\n")),
         ("--job", "unknown field", "colour"),
     ),
+    # Values of the wrong type are refused, never coerced (8.7 is not 8) nor a TypeError.
+    "job-batch-size-string": (
+        lambda c: c.run("--job", _job_file(c, 'batch_size: "8"\n')),
+        ("--job", "batch_size must be an integer, got '8'"),
+    ),
+    "job-batch-size-float": (
+        lambda c: c.run("--job", _job_file(c, "batch-size: 8.7\n")),
+        ("--job", "batch_size must be an integer, got 8.7"),
+    ),
+    "job-sort-window-word": (
+        lambda c: c.run("--job", _job_file(c, "sort-window: big\n")),
+        ("--job", "sort_window must be an integer, got 'big'"),
+    ),
+    "job-resume-string": (
+        lambda c: c.run("--job", _job_file(c, "resume: 'yes'\n")),
+        ("--job", "resume must be true or false, got 'yes'"),
+    ),
     "job-not-found": (
         lambda c: c.run("--job", str(c.tmp / "nojob.yaml")),
         ("--job", "nojob.yaml"),

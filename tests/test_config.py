@@ -389,3 +389,26 @@ def test_job_file_missing(tmp_path: Path) -> None:
 def test_job_file_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=re.escape(f"--job {tmp_path}: ")):
         load_job_file(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("replicas: '2'\n", "replicas must be an integer or null, got '2'"),
+        ("replicas: true\n", "replicas must be an integer or null, got True"),
+        ("replica-start-timeout: fast\n", "replica_start_timeout must be a number, got 'fast'"),
+        ("text-field: 3\n", "text_field must be a string, got 3"),
+        ("normalize: 1\n", "normalize must be true or false, got 1"),
+        ("buckets: {a: 1}\n", "buckets must be a string or an integer or a list of integers"),
+        ("compiler-args: [1, 2]\n", "compiler_args must be a string or a list of strings"),
+    ],
+)
+def test_job_file_values_of_the_wrong_type(tmp_path: Path, text: str, message: str) -> None:
+    job = write(tmp_path / "job.yaml", text)
+    with usage_error(f"--job {job}: {message}"):
+        load_job_file(job)
+
+
+def test_job_file_numbers_where_floats_go(tmp_path: Path) -> None:
+    job = write(tmp_path / "job.yaml", "replica-start-timeout: 30\nreplicas: null\n")
+    assert load_job_file(job) == {"replica_start_timeout": 30, "replicas": None}

@@ -153,12 +153,11 @@ def test_resume_after_sigkill_finishes_every_record_exactly_once(kill_resume: Ki
     assert sorted(manifest["shards"]["done"]) == sorted(set(k.expected) - before)
     assert manifest["shards"]["failed"] == []
     assert manifest["counts"]["documents"] == (SHARDS - len(before)) * PER_SHARD
-    # The stale temp files of the killed run did not count as outputs nor collide with the
-    # resumed run's own (they carry the killed runner's pid); the resume leaves no new ones.
+    # The stale temp files of the killed run (they carry its host and pid) did not count as
+    # outputs; --resume removed them, as the killed run is gone, and left no new ones.
     stale = {name for name in k.after_kill if name.endswith(".tmp")}
-    left = {p.name for p in k.out.iterdir() if p.name.endswith(".tmp")}
-    assert left <= stale
-    assert all(f".{k.killed_pid}." in name for name in stale), stale
+    assert all(f"-{k.killed_pid}.tmp" in name for name in stale), stale
+    assert [p.name for p in k.out.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_output_reads_as_a_dataset_after_resume(kill_resume: KillResume) -> None:

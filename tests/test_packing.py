@@ -118,7 +118,7 @@ def test_packed_equals_each_document_alone(kind: str, task: str, tmp_path: Path)
     )
     assert artifact.strategy == "packing"
     assert artifact.max_segments == 8
-    texts = make_texts(40, seed=hash(kind) % 100, max_words=30)
+    texts = make_texts(40, seed=7, max_words=30)  # fixed: hash(kind) varies per process
     got, fill = packed_outputs(artifact, texts)
     want = eager_outputs(model_dir, task, texts, artifact.max_length)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -347,8 +347,52 @@ def test_parquet_ids_and_text_pair() -> None:
 def test_parquet_without_id_column_and_float_ids() -> None:
     got = _read(_parquet(pa.table({"text": ["a", "b"]})), "parquet", "f.pq")
     assert [r.id for r in got] == ["f.pq:1", "f.pq:2"]
-    table = pa.table({"id": [1.0, None, 2.5], "text": ["a", "b", "c"]})
-    assert [r.id for r in _read(_parquet(table), "parquet", "f.pq")] == ["1", "f.pq:2", "2.5"]
+    # pandas' integer ids with nulls (float64): 1.0 is 1, NaN is null; 2.5 is no id.
+    table = pa.table({"id": [1.0, None, 2.5, float("nan")], "text": ["a", "b", "c", "d"]})
+    got = _read(_parquet(table), "parquet", "f.pq")
+    assert [r.id for r in got] == ["1", "f.pq:2", "f.pq:3", "f.pq:4"]
+    assert got[2].error == (
+        "f.pq row 3: field 'id' (the id) must be a string or an integer, got a float"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"a-7"', "a-7"),
+        ("7", "7"),
+        ("-12345678901234567890", "-12345678901234567890"),
+        ("null", "x.jsonl:1"),
+        (None, "x.jsonl:1"),
+        ('""', ""),
+    ],
+    ids=["string", "int", "big-int", "null", "missing", "empty-string"],
+)
+def test_jsonl_ids_kept_or_fallback(value: str | None, expected: str) -> None:
+    line = '{"text": "t"' + ("" if value is None else f', "id": {value}') + "}\n"
+    (record,) = _read(line.encode(), "jsonl", "x.jsonl")
+    assert (record.id, record.error) == (expected, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        ("1.0", "a float"),
+        ("2.5", "a float"),
+        ("true", "a boolean"),
+        ('{"a": 1}', "an object"),
+        ("[1]", "an array"),
+    ],
+)
+def test_jsonl_ids_of_other_types_are_error_rows(value: str, got: str) -> None:
+    data = f'{{"text": "t", "id": {value}}}\n{{"text": "u", "id": "ok"}}\n'.encode()
+    bad, good = _read(data, "jsonl", "x.jsonl")
+    assert bad == Record(
+        "x.jsonl:1",
+        None,
+        error=f"x.jsonl line 1: field 'id' (the id) must be a string or an integer, got {got}",
+    )
+    assert good == Record("ok", "u")
 
 
 def test_parquet_null_text_and_pair() -> None:

@@ -120,6 +120,17 @@ def test_an_object_is_one_shard_and_a_name_without_slash_can_be_a_prefix(bucket:
     assert [s.format for s in shards] == ["txt", "txt"]
 
 
+def test_a_name_without_slash_is_a_prefix_where_its_head_is_refused(
+    bucket: Bucket, proxy: FaultProxy
+) -> None:
+    """A policy granting reads only under data/ answers the HEAD of "data" with 403."""
+    bucket.put_many({"data/a.jsonl": b"", "data/b.csv": b""})
+    proxy.faults.append(Fault("HEAD", f"/{bucket.name}/data", status=403, code="AccessDenied"))
+    shards = run(lambda s: s.list_shards(bucket.uri("data")))
+    assert [s.rel for s in shards] == ["a.jsonl", "b.csv"]
+    assert len(proxy.seen("HEAD")) == 1
+
+
 @pytest.mark.parametrize(
     ("where", "message"),
     [
@@ -183,8 +194,15 @@ def test_text_shard_list_mixes_s3_and_local(bucket: Bucket, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('[{"prefix": "s3://b/p/"}, "a.jsonl", "a.csv"]', "both be written to a.parquet"),
-        ('[{"prefix": "s3://b/p/"}, "../up.jsonl"]', "outside the output"),
+        (
+            '[{"prefix": "s3://b/p/"}, "a.jsonl", "x/a.jsonl", "a.jsonl"]',
+            "s3://b/p/a.jsonl is listed more than once",
+        ),
+        (
+            "s3://b/p/a.jsonl\ns3://b/q/a.jsonl\ns3://b/p/a.jsonl\n",
+            "s3://b/p/a.jsonl is listed more than once",
+        ),
+        ("a.jsonl\n./a.jsonl\n", "./a.jsonl is listed more than once"),
         ('["a.jsonl"]', 'starts with {"prefix"'),
         ('[{"prefix": "s3://b/p/"}, 7]', "entries after the prefix"),
         ("[not json", "not valid JSON"),

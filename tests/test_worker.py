@@ -79,7 +79,7 @@ def test_job_messages_prefix_and_object_match_run(
     )
     queue = queues.make()
     queue.send({"input": bucket.uri("in/")})  # a prefix: run's layout under --output
-    queue.send({"input": bucket.uri("one/c.jsonl"), "output": bucket.uri("elsewhere/")})
+    queue.send({"input": bucket.uri("one/c.jsonl"), "output": bucket.uri("out/elsewhere/")})
     with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
         assert worker.finish() == 0, worker.log()
     assert len(worker.messages("done")) == 2
@@ -90,7 +90,7 @@ def test_job_messages_prefix_and_object_match_run(
         assert table(bucket, f"out/{rel}").equals(table(bucket, f"ref/{rel}"))
     assert run_job(artifact, bucket.uri("one/c.jsonl"), bucket.uri("ref-c/")) == 0
     # An object: its whole key, relative to the bucket, under the output.
-    assert table(bucket, "elsewhere/one/c.parquet").equals(table(bucket, "ref-c/c.parquet"))
+    assert table(bucket, "out/elsewhere/one/c.parquet").equals(table(bucket, "ref-c/c.parquet"))
     assert "batchjob worker: 2 messages done" in worker.stdout.read_text()
 
 
@@ -147,7 +147,8 @@ def test_events_for_the_workers_own_outputs_are_ignored(
     with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
         assert worker.finish() == 0, worker.log()
     assert sorted(bucket.keys()) == ["doc.jsonl", "out/doc.parquet"]
-    assert len(worker.messages("ignored")) == 2  # the TestEvent, and out/doc.parquet's event
+    # The TestEvent, and the events of out/doc.parquet and of the start's write check.
+    assert len(worker.messages("ignored")) == 3
     assert "its own output" in worker.log()
 
 
@@ -312,6 +313,7 @@ def test_work_past_the_visibility_ceiling_fails_cleanly_and_is_retried(
         replicas=1,
         exit_when_idle=2,
         visibility_ceiling=8,
+        allow_input=(bucket.uri(),),
     )
     caplog.set_level(logging.INFO, logger="batchjob")
     assert work(spec) == 0
@@ -323,7 +325,7 @@ def test_work_past_the_visibility_ceiling_fails_cleanly_and_is_retried(
 
 def worker_argv(artifact: str, queue: Queue, bucket: Bucket, *extra: str) -> list[str]:
     argv = ["worker", "--model", artifact, "--queue", queue.url, "--output", bucket.uri("out/")]
-    return [*argv, "--replicas", "1", *extra]
+    return [*argv, "--replicas", "1", "--allow-input", bucket.uri(), *extra]
 
 
 BAD_WORKER_FLAGS = {
@@ -365,7 +367,10 @@ def test_replicas_that_keep_dying_stop_the_worker_and_release_its_messages(
     for i in range(3):
         queue.send({"id": f"doomed-{i}", "documents": [{"text": "hello"}]})
     spec = WorkerSpec(
-        queue=queue.url, output=bucket.uri("out/"), compile=CompileSpec(model=artifact.path)
+        queue=queue.url,
+        output=bucket.uri("out/"),
+        compile=CompileSpec(model=artifact.path),
+        allow_input=(bucket.uri(),),
     )
 
     async def main() -> tuple[Summary, str | None]:
