@@ -25,7 +25,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -79,12 +79,22 @@ class EngineStats:
 
 
 @dataclass(eq=False)
-class _Waiting:
-    """One record on its way through the batcher: its key there, hashed by identity."""
+class _Call:
+    """One `infer` call's records on their way: results land by index, and one future says
+    when all have. (A future per record costs the event loop dearly on a 20k-record request.)"""
 
-    future: asyncio.Future[Result]
-    truncated: bool
-    since: float = field(default_factory=time.monotonic)
+    results: list[Result | None]
+    truncated: list[bool]
+    done: asyncio.Future[None]
+    remaining: int = 0
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
+# An item's key in the batcher: its call and its index there.
+_Key = tuple[_Call, int]
 
 
 async def start_engine(
@@ -100,7 +110,7 @@ async def start_engine(
     tokenizer = asyncio.create_task(
         asyncio.to_thread(RecordTokenizer, artifact.tokenizer_path, artifact.max_length)
     )
-    pool = ReplicaPool(ArtifactLoader(artifact.path), placements, start_timeout=start_timeout)
+    pool = ReplicaPool(ArtifactLoader(artifact), placements, start_timeout=start_timeout)
     try:
         await stack.enter_async_context(pool)
     finally:
@@ -141,8 +151,8 @@ class Engine:
         self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
         self.stats = EngineStats()
-        # Items in the batcher, oldest first: the flusher's clock.
-        self._waiting: collections.OrderedDict[_Waiting, None] = collections.OrderedDict()
+        # Items in the batcher, oldest first, with when they came: the flusher's clock.
+        self._waiting: collections.OrderedDict[_Key, float] = collections.OrderedDict()
         self._batches: asyncio.Queue[Batch] = asyncio.Queue(2 * pool.size)
         self._submitting = False
         self._in_flight = 0  # batches the pool took and has not answered yet
@@ -177,9 +187,8 @@ class Engine:
             return
         log.error("engine task %s died: %r", task.get_name(), error, exc_info=error)
         self._broken = error
-        for waiting in self._waiting:
-            if not waiting.future.done():
-                waiting.future.set_exception(BatchJobError(f"engine failed: {error!r}"))
+        for call, _ in self._waiting:
+            call.fail(BatchJobError(f"engine failed: {error!r}"))
 
     async def close(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Take no new calls; let calls in progress finish by `timeout`; then stop."""
@@ -196,9 +205,8 @@ class Engine:
         closed = EngineClosedError(f"engine closed after {timeout:g} s")
         while not self._batches.empty():
             self._fail(self._batches.get_nowait(), closed)
-        for waiting in self._waiting:
-            if not waiting.future.done():
-                waiting.future.set_exception(closed)
+        for call, _ in self._waiting:
+            call.fail(closed)
         self._waiting.clear()
 
     async def infer(self, records: Sequence[Record]) -> list[Result]:
@@ -222,36 +230,33 @@ class Engine:
         if not any(r.error is None for r in records):
             return [Result(None, error=r.error) for r in records]
         encoded = await asyncio.to_thread(self.tokenizer.encode, records)
-        loop = asyncio.get_running_loop()
-        out: list[Result | asyncio.Future[Result]] = []
+        n = len(records)
+        call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future())
         items = []
-        for record, enc in zip(records, encoded, strict=True):
+        for i, (record, enc) in enumerate(zip(records, encoded, strict=True)):
             if enc is None:
-                out.append(Result(None, error=record.error))
-                continue
-            waiting = _Waiting(loop.create_future(), enc.truncated)
-            out.append(waiting.future)
-            items.append(Item(waiting, enc.ids, enc.type_ids))
+                call.results[i] = Result(None, error=record.error)
+            else:
+                call.truncated[i] = enc.truncated
+                items.append(Item((call, i), enc.ids, enc.type_ids))
+        call.remaining = len(items)
         self.stats.records += len(items)
         for start in range(0, len(items), ADD_SLICE):
             part = items[start : start + ADD_SLICE]
+            now = time.monotonic()
             for item in part:
-                self._waiting[cast(_Waiting, item.key)] = None
+                self._waiting[cast(_Key, item.key)] = now
             for batch in self.batcher.add(part):
                 await self._enqueue(batch)
             self._changed.set()
             await asyncio.sleep(0)  # let /ping and other requests in between slices
-        futures = [r for r in out if isinstance(r, asyncio.Future)]
-        done = await asyncio.gather(*futures, return_exceptions=True)
-        if errors := [e for e in done if isinstance(e, BaseException)]:
-            raise errors[0]
-        results = iter(cast(list[Result], done))
-        return [r if isinstance(r, Result) else next(results) for r in out]
+        await call.done
+        return cast(list[Result], call.results)
 
     async def _enqueue(self, batch: Batch) -> None:
         for key in batch.keys:
             if key is not None:
-                self._waiting.pop(cast(_Waiting, key), None)
+                self._waiting.pop(cast(_Key, key), None)
         self.stats.batches += 1
         self.stats.real_tokens += batch.real_tokens
         self.stats.compiled_tokens += batch.shape.seq_len * batch.shape.batch_size
@@ -268,7 +273,7 @@ class Engine:
             self._changed.clear()
             timeout = None
             if self._waiting:
-                oldest = next(iter(self._waiting)).since
+                oldest = next(iter(self._waiting.values()))
                 due = oldest + (0.0 if self._closing else self.max_batch_delay)
                 now = time.monotonic()
                 if now >= due and self._pool_idle():
@@ -318,14 +323,18 @@ class Engine:
             self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))
             return
         for j, row in enumerate(rows):
-            waiting = cast(_Waiting, batch.keys[row])
-            if not waiting.future.done():  # else its caller went away
-                values = {name: column[j] for name, column in columns.items()}
-                waiting.future.set_result(Result(values, waiting.truncated))
+            call, i = cast(_Key, batch.keys[row])
+            if call.done.done():  # its caller went away, or another batch of it failed
+                continue
+            call.results[i] = Result(
+                {name: col[j] for name, col in columns.items()}, call.truncated[i]
+            )
+            call.remaining -= 1
+            if not call.remaining:
+                call.done.set_result(None)
 
     @staticmethod
     def _fail(batch: Batch, error: BaseException) -> None:
         for key in batch.keys:
-            waiting = cast(_Waiting | None, key)
-            if waiting is not None and not waiting.future.done():
-                waiting.future.set_exception(error)
+            if key is not None:
+                cast(_Key, key)[0].fail(error)

@@ -169,7 +169,7 @@ async def _run(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: task.cancel() if task else None)
     pool = ReplicaPool(
-        ArtifactLoader(artifact.path), placements, start_timeout=spec.replica_start_timeout
+        ArtifactLoader(artifact), placements, start_timeout=spec.replica_start_timeout
     )
     job = _Job(spec, artifact, storage, report, Progress(spec.progress, len(shards)))
     try:
