@@ -100,6 +100,27 @@ class Server:
             self.proc.stderr.close()
 
 
+def ping_while(
+    server: Any, loading: threading.Event, latencies: list[float], failures: list[BaseException]
+) -> None:
+    """GET /ping every PING_INTERVAL while `loading` is set: each latency, or the failure."""
+    conn = server.connect()
+    try:
+        while loading.is_set():
+            started = time.perf_counter()
+            conn.request("GET", "/ping")
+            response = conn.getresponse()
+            response.read()
+            latencies.append(time.perf_counter() - started)
+            if response.status != 200:
+                raise RuntimeError(f"GET /ping answered {response.status}")
+            time.sleep(PING_INTERVAL)
+    except BaseException as e:
+        failures.append(e)
+    finally:
+        conn.close()
+
+
 def _post(conn: http.client.HTTPConnection, body: bytes) -> bytes:
     conn.request("POST", "/invocations", body, {"Content-Type": _JSONLINES})
     response = conn.getresponse()
@@ -160,21 +181,7 @@ def measure_serve(
                 conn.close()
 
         def pinger() -> None:
-            conn = server.connect()
-            try:
-                while loading.is_set():
-                    started = time.perf_counter()
-                    conn.request("GET", "/ping")
-                    response = conn.getresponse()
-                    response.read()
-                    latencies.append(time.perf_counter() - started)
-                    if response.status != 200:
-                        raise RuntimeError(f"GET /ping answered {response.status}")
-                    time.sleep(PING_INTERVAL)
-            except BaseException as e:
-                failures.append(e)
-            finally:
-                conn.close()
+            ping_while(server, loading, latencies, failures)
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for t in threads:

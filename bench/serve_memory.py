@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import numpy as np
-from serve_bench import PING_INTERVAL, Server
+from serve_bench import Server, ping_while
 
 SAMPLE_INTERVAL = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -133,21 +133,7 @@ def measure_memory(
                 conn.close()
 
         def pinger() -> None:
-            conn = server.connect()
-            try:
-                while loading.is_set():
-                    started = time.perf_counter()
-                    conn.request("GET", "/ping")
-                    response = conn.getresponse()
-                    response.read()
-                    latencies.append(time.perf_counter() - started)
-                    if response.status != 200:
-                        raise RuntimeError(f"GET /ping answered {response.status}")
-                    time.sleep(PING_INTERVAL)
-            except BaseException as e:
-                failures.append(e)
-            finally:
-                conn.close()
+            ping_while(server, loading, latencies, failures)
 
         helpers = [threading.Thread(target=sampler), threading.Thread(target=pinger)]
         threads = [threading.Thread(target=client) for _ in range(clients)]

@@ -156,12 +156,12 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 
 @contextlib.contextmanager
 def batchjob_run(
-    artifact: str, inp: str, out: str, stdout: Path, stderr: Path
+    artifact: str, inp: str, out: str, stdout: Path, stderr: Path, *flags: str
 ) -> Iterator[subprocess.Popen[str]]:
     """`python -m batchjob run` in its own process group, killed with its replicas on the way
     out. The AWS environment (moto's endpoint, where a test set one) comes from os.environ."""
     cmd = [sys.executable, "-m", "batchjob", "--log-level", "INFO", "run", "--model", artifact]
-    cmd += ["--input", inp, "--output", out, "--replicas", "1", "--progress", "none"]
+    cmd += ["--input", inp, "--output", out, "--replicas", "1", "--progress", "none", *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with stdout.open("w") as out_file, stderr.open("w") as err_file:
         proc = subprocess.Popen(

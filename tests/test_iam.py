@@ -10,13 +10,8 @@ checked for grammar and against the SageMaker manifests only: no SageMaker here.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +21,7 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
-from tests.conftest import CompileFn, make_texts
+from tests.conftest import CompileFn, batchjob_run, make_texts
 from tests.iam_world import (
     ACCOUNT,
     BUCKET,
@@ -260,28 +255,6 @@ def test_policies_fit_the_other_manifests() -> None:
 
 
 # -- enough: the real commands under each policy --------------------------------------------------
-
-
-@contextlib.contextmanager
-def batchjob_run(
-    artifact: str, inp: str, out: str, stdout: Path, stderr: Path, *flags: str
-) -> Iterator[subprocess.Popen[str]]:
-    """`python -m batchjob run ... FLAGS` in its own process group, killed with its replicas
-    on the way out; the AWS environment comes from os.environ."""
-    cmd = [sys.executable, "-m", "batchjob", "--log-level", "INFO", "run", "--model", artifact]
-    cmd += ["--input", inp, "--output", out, "--replicas", "1", "--progress", "none", *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with stdout.open("w") as out_file, stderr.open("w") as err_file:
-        proc = subprocess.Popen(
-            cmd, stdout=out_file, stderr=err_file, env=env, text=True, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 @pytest.fixture(name="artifact")
