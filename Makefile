@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/serve_bench.py
 	$(BIN)/python bench/s3_bench.py
 	$(BIN)/python bench/sqs_bench.py
+	$(BIN)/python bench/memory_bench.py
 
 clean:
 	rm -rf $(VENV) .cache out .mypy_cache .ruff_cache .pytest_cache .hypothesis
