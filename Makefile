@@ -8,17 +8,29 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lock lint test demo bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet pip==26.3
 	# The CPU build of torch, pinned: a plain or open-ended `torch` pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# Every other package at the version the tests ran with (constraints.txt).
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
+
+# Upgrading is a deliberate act: resolve the newest versions in a scratch venv, write them to
+# constraints.txt, then review the diff and run `make test`.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet torch==2.13.0
+	.venv-lock/bin/pip install --quiet -e '.[dev]'
+	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | grep -vi '^torch=='; } > constraints.new
+	mv constraints.new constraints.txt
+	rm -rf .venv-lock
 
 lint: install
 	$(BIN)/ruff check batchjob tests bench
@@ -42,4 +54,4 @@ bench: install
 	$(BIN)/python bench/memory_bench.py
 
 clean:
-	rm -rf $(VENV) .cache out .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lock .cache out .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -123,9 +123,11 @@ class S3:
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_bytes: int = PART_BYTES,
         expected_bucket_owner: str | None = None,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         self.connections = connections
         self.expected_bucket_owner = expected_bucket_owner
+        self.read_timeout = read_timeout
         self.multipart_threshold = multipart_threshold
         self.part_bytes = part_bytes
         self._stack = contextlib.AsyncExitStack()
@@ -138,7 +140,7 @@ class S3:
         config = Config(
             max_pool_connections=self.connections,
             connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=READ_TIMEOUT,
+            read_timeout=self.read_timeout,
             tcp_keepalive=True,
         )
         client = aioboto3.Session().client("s3", config=config)

@@ -392,3 +392,18 @@ def test_manifest_is_overwritten_on_s3(bucket: Bucket) -> None:
 
     run(twice)
     assert json.loads(bucket.get("out/_manifest.json")) == {"run": 2}
+
+
+def test_a_stalled_peer_times_out_and_names_the_object(bucket: Bucket, proxy: FaultProxy) -> None:
+    """A peer that stops answering holds a connection (or a worker's message) only for the
+    read timeout, each of botocore's attempts; then the call fails with the reason."""
+    bucket.put("slow.jsonl", b'{"text": "x"}\n')
+    proxy.faults.append(Fault("GET", "/slow.jsonl", delay=2))
+
+    async def main() -> None:
+        async with S3(read_timeout=0.5) as s3:
+            await s3.read_bytes(S3Url(bucket.name, "slow.jsonl"), 1000)
+
+    with pytest.raises(S3Error, match=r"GetObject s3://.*/slow.jsonl: .*(Timeout|timeout)"):
+        asyncio.run(main())
+    assert len(proxy.seen("GET", "/slow.jsonl")) == 3  # AWS_MAX_ATTEMPTS
