@@ -30,7 +30,7 @@ from batchjob.records import (
     read_records,
     records_from_objects,
 )
-from batchjob.s3 import S3Url, is_s3
+from batchjob.s3 import S3Url
 from batchjob.shards import ShardRef
 from batchjob.sinks import OutputWriter, Row, output_schema, row_columns
 from batchjob.storage import Storage
@@ -100,10 +100,7 @@ class Executor:
     def own_output(self, url: S3Url) -> bool:
         """An event for one of our outputs (notifications on the output's bucket): to work on
         it would write an output of the output, and so on, forever."""
-        if not is_s3(self.spec.output):
-            return False
-        output = S3Url.parse(self.spec.output)
-        return url.bucket == output.bucket and url.key.startswith(output.prefix)
+        return is_under(url, self.output)
 
     def _check_input(self, url: S3Url, what: str) -> None:
         """Nothing outside --allow-input is read (not even listed or looked at)."""

@@ -130,13 +130,13 @@ async def _main(spec: RunSpec, started: float) -> Report:
         if report.skipped:
             log.info("--resume: %d shard(s) already done", len(report.skipped))
         todo = [s for s in shards if s.output_rel not in done_before]
-        for rel, why in output_problems(spec.output, todo).items():
+        problems = output_problems(spec.output, todo)  # these fail; the others run
+        for rel, why in problems.items():
             log.error("shard failed: %s: %s", rel, why)
             report.failed.append({"shard": rel, "error": why})
-        blocked = {f["shard"] for f in report.failed}
+        todo = [s for s in todo if s.rel not in problems]
         unfinished = "not finished: the run stopped"
         try:
-            todo = [s for s in todo if s.rel not in blocked]
             await _run(spec, artifact, placements, storage, todo, report)
         except asyncio.CancelledError:
             if task := asyncio.current_task():
