@@ -8,32 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from batchjob.config import (
-    CompileSpec,
-    RunSpec,
-    WorkerSpec,
-    load_job_file,
-    parse_buckets,
-    resolve_shapes,
-)
+from batchjob.config import compile_spec, parse_buckets, run_spec, worker_spec
 from batchjob.errors import BatchJobError, UsageError
-
-SHAPE_FIELDS = ("batch_size", "sequence_length", "buckets", "max_batch_tokens")
-COMPILE_FIELDS = (
-    "task",
-    "backend",
-    "dtype",
-    "compiler_args",
-    "pooling",
-    "normalize",
-    "packing",
-    "max_segments",
-    "calibrate",
-)
+from batchjob.job_files import load_job_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,47 +177,6 @@ def _add_bucket_owner_option(p: argparse.ArgumentParser) -> None:
         "--expected-bucket-owner",
         default=argparse.SUPPRESS,
         help="AWS account id every S3 bucket used must belong to (ExpectedBucketOwner)",
-    )
-
-
-def compile_spec(fields: dict[str, Any]) -> CompileSpec:
-    buckets = fields.get("buckets")
-    if isinstance(buckets, str | int):  # from a job file
-        fields["buckets"] = parse_buckets(str(buckets))
-    elif isinstance(buckets, list):
-        fields["buckets"] = parse_buckets(",".join(map(str, buckets)))
-    given = [fields.get(name) for name in SHAPE_FIELDS]
-    shapes = resolve_shapes(*given) if any(v is not None for v in given) else ()
-    options = {k: fields[k] for k in COMPILE_FIELDS if k in fields}
-    if isinstance(options.get("compiler_args"), str):
-        options["compiler_args"] = shlex.split(options["compiler_args"])
-    options["compiler_args"] = tuple(options.get("compiler_args", ()))
-    return CompileSpec(model=fields.get("model", ""), shapes=shapes, **options)
-
-
-def run_spec(fields: dict[str, Any]) -> RunSpec:
-    compile_ = compile_spec(fields)
-    excluded = {"job", "command", "log_level", *SHAPE_FIELDS, *COMPILE_FIELDS}
-    options = {k: v for k, v in fields.items() if k not in excluded}
-    for name in ("model", "input", "output"):
-        options.setdefault(name, "")
-    try:
-        return RunSpec(compile=compile_, **options)
-    except TypeError as e:
-        raise UsageError(f"bad job field: {e}") from None
-
-
-def worker_spec(fields: dict[str, Any]) -> WorkerSpec:
-    compile_ = compile_spec(fields)
-    excluded = {"job", "command", "log_level", "model", *SHAPE_FIELDS, *COMPILE_FIELDS}
-    options = {k: v for k, v in fields.items() if k not in excluded}
-    if "allow_input" in options:
-        options["allow_input"] = tuple(options["allow_input"])
-    return WorkerSpec(
-        queue=options.pop("queue", ""),
-        output=options.pop("output", ""),
-        compile=compile_,
-        **options,
     )
 
 

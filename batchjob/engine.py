@@ -32,11 +32,12 @@ import numpy as np
 
 from batchjob.artifact import Artifact, ArtifactLoader
 from batchjob.batching import Batch, Batcher, Item, make_batcher
+from batchjob.config import CompileSpec
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.records import Record
-from batchjob.replica_process import Placement
+from batchjob.replica_process import Placement, plan_placements
 from batchjob.replicas import ReplicaPool
-from batchjob.tasks import task_columns
+from batchjob.tasks import task_columns, task_fields
 from batchjob.tokens import RecordTokenizer
 
 log = logging.getLogger("batchjob.engine")
@@ -97,6 +98,35 @@ class _Call:
 _Key = tuple[_Call, int]
 
 
+class EngineSpec(Protocol):
+    """What opening an engine needs of a RunSpec, WorkerSpec or ServeSpec."""
+
+    @property
+    def compile(self) -> CompileSpec: ...
+    @property
+    def cache_dir(self) -> str: ...
+    @property
+    def replicas(self) -> int | None: ...
+    @property
+    def cores_per_replica(self) -> int: ...
+
+
+def open_artifact(spec: EngineSpec) -> tuple[Artifact, list[Placement]]:
+    """The artifact (verified, or compiled first into the cache), checked against `--task`,
+    and where its replicas run. Blocking (a compile takes a while). UsageError: nothing ran."""
+    from batchjob.backends import get_backend  # torch: imported when an engine is wanted
+    from batchjob.compile import ensure_artifact
+
+    artifact = ensure_artifact(spec.compile, spec.cache_dir)
+    task = spec.compile.task
+    if task is not None and artifact.task != task:
+        raise UsageError(
+            f"--task is {task} but the artifact {artifact.path} was compiled for {artifact.task}"
+        )
+    device = get_backend(artifact.backend).device
+    return artifact, plan_placements(spec.replicas, spec.cores_per_replica, device)
+
+
 async def start_engine(
     stack: contextlib.AsyncExitStack,
     artifact: Artifact,
@@ -104,6 +134,7 @@ async def start_engine(
     *,
     start_timeout: float,
     max_batch_delay: float,
+    sort_window: int = 4096,
 ) -> tuple[Engine, ReplicaPool]:
     """The replicas, loaded (the tokenizer loads meanwhile, in a thread), and an engine
     over them; `stack` closes both (the engine first)."""
@@ -116,7 +147,13 @@ async def start_engine(
     finally:
         if not tokenizer.done():
             await asyncio.wait([tokenizer])
-    engine = Engine(artifact, pool, max_batch_delay=max_batch_delay, tokenizer=tokenizer.result())
+    engine = Engine(
+        artifact,
+        pool,
+        max_batch_delay=max_batch_delay,
+        sort_window=sort_window,
+        tokenizer=tokenizer.result(),
+    )
     await stack.enter_async_context(engine)
     return engine, pool
 
@@ -150,6 +187,7 @@ class Engine:
         self.artifact, self.pool, self.max_batch_delay = artifact, pool, max_batch_delay
         self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
+        self.task_names = [f.name for f in task_fields(artifact.task)]  # the output's columns
         self.stats = EngineStats()
         # Items in the batcher, oldest first, with when they came: the flusher's clock.
         self._waiting: collections.OrderedDict[_Key, float] = collections.OrderedDict()

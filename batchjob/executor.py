@@ -1,69 +1,41 @@
 """A message's work, done: S3 objects, prefixes and inline documents → the engine → Parquet
 outputs, each written once.
 
-Records stream from each shard in chunks; a few chunks per shard are in the engine at a
-time (where they share batches with every other message's), and rows reach the output in
-input order as the oldest chunk finishes. Before any work, an output that exists already is
-looked for (a HEAD): a redelivered message costs nothing else. Publishing is `run`'s
-(sinks.py: a temp file, then one conditional upload), so two workers racing on one message
-write one object, and the second counts it as existing.
+Each shard goes through `pipeline.write_shard`, as `run`'s do: its chunks share the engine's
+batches with every other message's, rows reach the output in input order. Before any work,
+an output that exists already is looked for (a HEAD): a redelivered message costs nothing
+else. Publishing is `run`'s (sinks.py: a temp file, then one conditional upload), so two
+workers racing on one message write one object, and the second counts it as existing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import posixpath
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 from batchjob.config import WorkerSpec
-from batchjob.engine import Engine, Result
+from batchjob.engine import Engine
 from batchjob.errors import BatchJobError
 from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, Work
 from batchjob.paths import allowed, is_under, output_problems, overlap
-from batchjob.records import (
-    Fields,
-    Record,
-    detect_format,
-    is_gzip,
-    read_records,
-    records_from_objects,
-)
+from batchjob.pipeline import Counts, chunked, write_shard
+from batchjob.records import Fields, detect_format, is_gzip, read_records, records_from_objects
 from batchjob.s3 import S3Url
 from batchjob.shards import ShardRef
-from batchjob.sinks import OutputWriter, Row, output_schema, row_columns
+from batchjob.sinks import output_schema
 from batchjob.storage import Storage
-from batchjob.tasks import task_fields
 
-CHUNK_RECORDS = 256  # records per Engine.infer call
-CHUNKS_IN_FLIGHT = 4  # per shard: results are written in order as the oldest chunk finishes
-ROWS_PER_WRITE = 4096  # rows per Parquet row group
+CHUNK_RECORDS = 256  # records per Engine.infer call: small, for a message's latency
 SHARDS_IN_FLIGHT = 4  # per job message naming a prefix
 
 
-@dataclass
-class Counts:
-    """What a message's work produced."""
-
-    what: str = ""  # the work: its input → its output
-    outputs: int = 0  # written by us
-    existing: int = 0  # there already (a duplicate delivery, or another worker's)
-    documents: int = 0
-    errors: int = 0
-
-    def add(self, other: Counts) -> None:
-        self.outputs += other.outputs
-        self.existing += other.existing
-        self.documents += other.documents
-        self.errors += other.errors
-
-    def __str__(self) -> str:
-        existing = f", {self.existing} existed already" if self.existing else ""
-        return (
-            f"{self.what}: {self.outputs} output(s) written{existing}, {self.documents} "
-            f"documents, {self.errors} error rows"
-        )
+def message_line(what: str, counts: Counts) -> str:
+    """A message's log line after its timing: its work, then what came of it."""
+    existing = f", {counts.existing} existed already" if counts.existing else ""
+    return (
+        f"{what}: {counts.outputs} output(s) written{existing}, {counts.documents} "
+        f"documents, {counts.errors} error rows"
+    )
 
 
 class Executor:
@@ -72,7 +44,6 @@ class Executor:
     def __init__(self, spec: WorkerSpec, storage: Storage, engine: Engine) -> None:
         self.spec, self.storage, self.engine = spec, storage, engine
         self.schema = output_schema(engine.artifact.task)
-        self.task_names = [f.name for f in task_fields(engine.artifact.task)]
         self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
         self.inferred = 0  # documents with results so far: for the throughput log
         self.output = S3Url.parse(spec.output)
@@ -80,7 +51,7 @@ class Executor:
         self.allowed = None if spec.allow_any_input else [S3Url.parse(p) for p in spec.allow_input]
 
     async def do(self, works: list[Work]) -> Counts:
-        counts = Counts(what="; ".join(self.describe(work) for work in works))
+        counts = Counts()
         for work in works:
             if isinstance(work, InlineWork):
                 counts.add(await self._inline(work))
@@ -161,7 +132,9 @@ class Executor:
             return Counts(existing=1)
         records = records_from_objects(work.documents, f"inline/{work.id}", self.fields)
         writer = await self.storage.writer(self.spec.output, rel, self.schema)
-        return await self._write(writer, _chunked(records))
+        return await write_shard(
+            self.engine, writer, chunked(records, CHUNK_RECORDS), on_rows=self._inferred
+        )
 
     async def _shard(self, ref: ShardRef, output: str) -> Counts:
         if await self.storage.output_exists(output, ref.output_rel):
@@ -172,56 +145,11 @@ class Executor:
                 stream, ref.format, ref.rel, self.fields, gzip=ref.gzip, chunk_size=CHUNK_RECORDS
             )
             writer = await self.storage.writer(output, ref.output_rel, self.schema)
-            return await self._write(writer, reader, threaded=True)
+            return await write_shard(
+                self.engine, writer, reader, threaded=True, on_rows=self._inferred
+            )
         finally:
             stream.close()
 
-    async def _write(
-        self, writer: OutputWriter, chunks: Iterator[list[Record]], *, threaded: bool = False
-    ) -> Counts:
-        """Chunks of records → the engine (a few chunks in flight) → rows in order → commit."""
-        counts = Counts()
-        pending: deque[tuple[list[Record], asyncio.Task[list[Result]]]] = deque()
-        rows: list[Row] = []
-
-        async def oldest_done() -> None:
-            records, task = pending.popleft()
-            results = await task
-            self.inferred += len(results)
-            for record, result in zip(records, results, strict=True):
-                rows.append((record.id, result.values, result.truncated, result.error))
-                counts.errors += result.error is not None
-            if len(rows) >= ROWS_PER_WRITE or not pending:
-                writer.write(row_columns(self.task_names, rows))
-                counts.documents += len(rows)
-                rows.clear()
-
-        try:
-            while True:
-                if threaded:  # a shard's reader: parsing, and maybe gunzip
-                    records = await asyncio.to_thread(next, chunks, None)
-                else:
-                    records = next(chunks, None)
-                if records is None:
-                    break
-                pending.append((records, asyncio.create_task(self.engine.infer(records))))
-                if len(pending) >= CHUNKS_IN_FLIGHT:
-                    await oldest_done()
-            while pending:
-                await oldest_done()
-        except BaseException:
-            for _, task in pending:
-                task.cancel()
-            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
-            writer.abort()
-            raise
-        if await writer.commit():
-            counts.outputs = 1
-        else:
-            counts.existing = 1
-        return counts
-
-
-def _chunked(records: list[Record]) -> Iterator[list[Record]]:
-    for start in range(0, len(records), CHUNK_RECORDS):
-        yield records[start : start + CHUNK_RECORDS]
+    def _inferred(self, documents: int) -> None:
+        self.inferred += documents

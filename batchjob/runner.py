@@ -1,87 +1,66 @@
-"""`batchjob run`: one asyncio pipeline from shards to Parquet.
+"""`batchjob run`: a job over shards, a thin driver of the one engine.
 
-    fetch (loop) ─► read (thread) ─► tokenize (thread) ─► batcher ─► replica pool ─► collect
-      ─► writer (temp file) ─► commit (rename, or one conditional S3 upload)
+    list shards, check everything (refuse before any work) ─► start the engine
+      ─► up to --max-shards-in-flight shards at once (S3 objects download ahead):
+         each through pipeline.write_shard (the engine's batches, rows in order, published
+         once) ─► the manifest: every shard once, done, skipped or failed
 
-Bounded queues sit between the stages, at most --max-shards-in-flight shards are open (S3
-objects download ahead into bounded buffers), and the batcher's sort window bounds how many
-records wait, so memory stays flat however large the input. Rows reach each shard's temp
-file in input order; it is published only once the whole shard is done.
+The shards in flight share the engine's fixed-shape batches, as the messages of a worker and
+the requests of `serve` do; the engine's sort window bounds how many records wait, and each
+shard has a few chunks in flight, so memory stays flat however large the input.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
-from batchjob.artifact import Artifact, ArtifactLoader
-from batchjob.backends import get_backend
-from batchjob.batching import Batch, Item, make_batcher
-from batchjob.compile import ensure_artifact
+from batchjob.artifact import Artifact
 from batchjob.config import RunSpec
+from batchjob.engine import Engine, EngineStats, open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.paths import output_problems, overlap
+from batchjob.pipeline import Counts, write_shard
 from batchjob.progress import Progress
-from batchjob.records import Fields, Record, read_records
-from batchjob.replica_process import Placement, plan_placements
-from batchjob.replicas import ReplicaPool
+from batchjob.records import Fields, read_records
+from batchjob.replica_process import Placement
 from batchjob.s3 import is_s3
 from batchjob.shards import ShardRef
-from batchjob.sinks import OutputWriter, Row, output_schema, row_columns
-from batchjob.storage import Storage
-from batchjob.tasks import task_columns, task_fields
-from batchjob.tokens import Encoded, RecordTokenizer
+from batchjob.sinks import output_schema
+from batchjob.storage import OpenShard, Storage
 
 log = logging.getLogger("batchjob.run")
 
-ROWS_PER_WRITE = 4096  # rows buffered per shard before a Parquet row group is written
-CHUNKS_AHEAD = 4  # tokenized chunks read ahead of dispatch
-# On SIGTERM, outputs already being published get this long to finish: under Kubernetes'
-# default 30 s grace period, with room to stop the replicas and write the manifest.
-COMMIT_GRACE_SECONDS = 15.0
-
-
-@dataclass(eq=False)
-class ShardState:
-    ref: ShardRef
-    writer: OutputWriter
-    count: int = 0  # records read so far
-    total: int | None = None  # known once the shard is fully read
-    written: int = 0
-    errors: int = 0
-    truncated: int = 0
-    failed: str | None = None
-    waiting: dict[int, tuple[str, bool]] = field(default_factory=dict)  # index → (id, truncated)
-    ready: dict[int, Row] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        return self.total is not None and self.written == self.total
+# A run has no latency to keep: a partial batch waits this long, and only while a replica
+# would otherwise idle (the engine's rule), for more records to fill it.
+MAX_BATCH_DELAY = 0.05
+SHARD_ERRORS = (BatchJobError, OSError, EOFError, pa.ArrowException)
 
 
 @dataclass
 class Report:
+    """What the manifest says: every shard once, and what writing them produced."""
+
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
-    documents: int = 0
-    errors: int = 0
-    truncated: int = 0
-    batches: int = 0
-    real_tokens: int = 0
-    compiled_tokens: int = 0
+    counts: Counts = field(default_factory=Counts)
+    engine: EngineStats = field(default_factory=EngineStats)  # batches, real/compiled tokens
     replica_restarts: int = 0
     seconds: float = 0.0  # the whole run
     pipeline_seconds: float = 0.0  # from replicas ready to the last shard committed
+
+    def fail(self, rel: str, reason: str) -> None:
+        log.error("shard failed: %s: %s", rel, reason)
+        self.failed.append({"shard": rel, "error": reason})
 
     def account(self, shards: list[ShardRef], reason: str) -> None:
         """Every shard is listed once, as done, skipped or failed: those the run never
@@ -96,9 +75,9 @@ def run(spec: RunSpec) -> int:
     if not is_s3(spec.output) and os.path.exists(spec.output) and not os.path.isdir(spec.output):
         raise UsageError(f"--output {spec.output}: exists and is not a directory")
     report = asyncio.run(_main(spec, started))
-    rate = report.documents / max(report.seconds, 1e-9)
+    rate = report.counts.documents / max(report.seconds, 1e-9)
     print(
-        f"batchjob run: {report.documents} documents, {report.errors} errors, "
+        f"batchjob run: {report.counts.documents} documents, {report.counts.errors} errors, "
         f"{len(report.done)} shards done, {len(report.failed)} failed, "
         f"{len(report.skipped)} skipped, {report.seconds:.1f}s, {rate:.1f} documents/s",
         flush=True,
@@ -122,9 +101,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
             raise UsageError(f"{why}: its results would overwrite or shadow the input")
         if spec.text_pair_field and any(s.format == "txt" for s in shards):
             raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
-        artifact = ensure_artifact(spec.compile, spec.cache_dir)
-        device = get_backend(artifact.backend).device
-        placements = plan_placements(spec.replicas, spec.cores_per_replica, device)
+        artifact, placements = open_artifact(spec)
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         if report.skipped:
@@ -132,8 +109,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         todo = [s for s in shards if s.output_rel not in done_before]
         problems = output_problems(spec.output, todo)  # these fail; the others run
         for rel, why in problems.items():
-            log.error("shard failed: %s: %s", rel, why)
-            report.failed.append({"shard": rel, "error": why})
+            report.fail(rel, why)
         todo = [s for s in todo if s.rel not in problems]
         unfinished = "not finished: the run stopped"
         try:
@@ -168,232 +144,90 @@ async def _run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: task.cancel() if task else None)
-    pool = ReplicaPool(
-        ArtifactLoader(artifact), placements, start_timeout=spec.replica_start_timeout
-    )
-    job = _Job(spec, artifact, storage, report, Progress(spec.progress, len(shards)))
+    progress = Progress(spec.progress, len(shards))
     try:
-        async with pool:
+        async with contextlib.AsyncExitStack() as stack:
+            engine, pool = await start_engine(
+                stack,
+                artifact,
+                placements,
+                start_timeout=spec.replica_start_timeout,
+                max_batch_delay=MAX_BATCH_DELAY,
+                sort_window=spec.sort_window,
+            )
             ready = time.monotonic()
-            await job.pipeline(pool, shards)
-            report.pipeline_seconds = time.monotonic() - ready
-            report.replica_restarts = pool.restarts
+            job = _Job(spec, engine, storage, report, progress)
+            try:
+                await job.shards(shards)
+            finally:
+                report.pipeline_seconds = time.monotonic() - ready
+                report.engine, report.replica_restarts = engine.stats, pool.restarts
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        job.progress.close()
-        for state in job.open_shards:
-            state.writer.abort()
-        if job.commits:  # interrupted: let the outputs already being published finish
-            _, late = await asyncio.wait(job.commits, timeout=COMMIT_GRACE_SECONDS)
-            for commit in late:  # while the S3 client is open, so multipart uploads abort
-                commit.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        progress.close()
 
 
 class _Job:
+    """The shards of one run through one engine, `--max-shards-in-flight` at a time."""
+
     def __init__(
-        self,
-        spec: RunSpec,
-        artifact: Artifact,
-        storage: Storage,
-        report: Report,
-        progress: Progress,
-    ):
-        self.spec = spec
-        self.artifact = artifact
-        self.storage = storage
-        self.report = report
-        self.progress = progress
-        self.schema = output_schema(artifact.task)
-        self.task_names = [f.name for f in task_fields(artifact.task)]
-        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
-        self.tokenizer = RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
-        self.batcher = make_batcher(
-            artifact.strategy,
-            artifact.shapes,
-            max_segments=artifact.max_segments,
-            position_offset=artifact.position_offset,
-            sort_window=spec.sort_window,
-            pad_id=self.tokenizer.pad_id,
-        )
-        self.open_shards: list[ShardState] = []
-        self.commits: set[asyncio.Task[None]] = set()  # outputs being published
-
-    async def pipeline(self, pool: ReplicaPool, shards: list[ShardRef]) -> None:
-        chunks: asyncio.Queue[Any] = asyncio.Queue(CHUNKS_AHEAD)
-        results: asyncio.Queue[Any] = asyncio.Queue(2 * pool.size + 2)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.read(shards, chunks))
-            tg.create_task(self.dispatch(pool, chunks, results))
-            tg.create_task(self.collect(results))
-        if self.commits:
-            await asyncio.wait(set(self.commits))
-        unfinished = [s.ref.rel for s in self.open_shards]
-        if unfinished:
-            raise BatchJobError(f"internal error: shards left unfinished: {unfinished[:5]}")
-
-    async def read(self, shards: list[ShardRef], out: asyncio.Queue[Any]) -> None:
-        """Each shard's records, tokenized, in chunks; then (state, None) when it is whole."""
-        async with self.storage.prefetch(shards, self.spec.max_shards_in_flight) as opened:
-            async for shard in opened:
-                ref = shard.ref
-                try:
-                    output, rel = self.spec.output, ref.output_rel
-                    writer = await self.storage.writer(output, rel, self.schema)
-                except (BatchJobError, OSError) as e:
-                    shard.close()
-                    self.report.failed.append({"shard": ref.rel, "error": _reason(e)})
-                    log.error("shard failed: %s: %s", ref.rel, _reason(e))
-                    continue
-                state = ShardState(ref, writer)
-                self.open_shards.append(state)
-                try:
-                    if shard.error is not None:
-                        raise shard.error
-                    assert shard.stream is not None
-                    reader = read_records(
-                        shard.stream,
-                        ref.format,
-                        ref.rel,
-                        self.fields,
-                        gzip=ref.gzip,
-                        chunk_size=self.spec.chunk_size,
-                    )
-                    while (records := await asyncio.to_thread(_next_chunk, reader)) is not None:
-                        encoded = await asyncio.to_thread(self.tokenizer.encode, records)
-                        await out.put((state, records, encoded))
-                        if state.failed:  # its output can't be written: stop reading it
-                            break
-                except (BatchJobError, OSError, EOFError) as e:
-                    await out.put((state, _reason(e), None))
-                    continue
-                finally:
-                    shard.close()
-                await out.put((state, None, None))
-        await out.put(None)
-
-    async def dispatch(
-        self, pool: ReplicaPool, chunks: asyncio.Queue[Any], results: asyncio.Queue[Any]
+        self, spec: RunSpec, engine: Engine, storage: Storage, report: Report, progress: Progress
     ) -> None:
-        while (chunk := await chunks.get()) is not None:
-            state, records, encoded = chunk
-            if isinstance(records, str):
-                self.fail_shard(state, records)
-            elif records is None:
-                state.total = state.count
-                self.advance(state)
-            else:
-                for batch in self.batcher.add(self.register(state, records, encoded)):
-                    await self.submit(pool, batch, results)
-                self.advance(state)
-        for batch in self.batcher.flush():
-            await self.submit(pool, batch, results)
-        await results.put(None)
+        self.spec, self.engine, self.storage = spec, engine, storage
+        self.report, self.progress = report, progress
+        self.schema = output_schema(engine.artifact.task)
+        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
 
-    def register(
-        self, state: ShardState, records: list[Record], encoded: list[Encoded | None]
-    ) -> Iterator[Item]:
-        for record, enc in zip(records, encoded, strict=True):
-            index = state.count
-            state.count += 1
-            if enc is None:
-                state.ready[index] = (record.id, None, False, record.error)
-            else:
-                state.waiting[index] = (record.id, enc.truncated)
-                yield Item((state, index), enc.ids, enc.type_ids)
+    async def shards(self, shards: list[ShardRef]) -> None:
+        in_flight = self.spec.max_shards_in_flight
+        slots = asyncio.Semaphore(in_flight)
+        async with (
+            self.storage.prefetch(shards, in_flight) as opened,
+            asyncio.TaskGroup() as tasks,
+        ):
+            async for shard in opened:
+                await slots.acquire()
+                tasks.create_task(self.shard(shard, slots))
 
-    async def submit(self, pool: ReplicaPool, batch: Batch, results: asyncio.Queue[Any]) -> None:
-        future = await pool.submit(batch.arrays)
-        await results.put((batch, future))
-        self.report.batches += 1
-        self.report.real_tokens += batch.real_tokens
-        self.report.compiled_tokens += batch.shape.seq_len * batch.shape.batch_size
-
-    async def collect(self, results: asyncio.Queue[Any]) -> None:
-        while (item := await results.get()) is not None:
-            batch, future = item
-            outputs: np.ndarray = await future
-            rows = np.flatnonzero(batch.valid)
-            columns = task_columns(self.artifact, outputs[rows])
-            touched = set()
-            for j, row in enumerate(rows):
-                state, index = batch.keys[row]
-                if state.failed:
-                    continue
-                record_id, truncated = state.waiting.pop(index)
-                values = {name: column[j] for name, column in columns.items()}
-                state.ready[index] = (record_id, values, truncated, None)
-                touched.add(state)
-            for state in touched:
-                self.advance(state)
-
-    def advance(self, state: ShardState) -> None:
-        """Write the rows now contiguous from the last one written; commit a whole shard."""
-        if state.failed:
-            return
-        end = state.written
-        while end in state.ready:
-            end += 1
-        whole = state.total is not None and end == state.total
-        if end - state.written >= ROWS_PER_WRITE or (whole and end > state.written):
-            rows = [state.ready.pop(i) for i in range(state.written, end)]
-            try:
-                state.writer.write(row_columns(self.task_names, rows))
-            except (OSError, pa.ArrowException) as e:  # a full disk, a lost mount
-                self.fail_shard(state, f"writing its output: {_reason(e)}")
-                return
-            state.written = end
-            state.errors += sum(1 for r in rows if r[3] is not None)
-            state.truncated += sum(1 for r in rows if r[2])
-            self.progress.add(documents=len(rows))
-        if state.complete:
-            self.open_shards.remove(state)
-            # A task of its own, started here and outside the pipeline's task group: a
-            # cancelled run still publishes the outputs it has fully computed (`_run` waits
-            # for `commits` a while), none is half published, and none is left neither
-            # published nor aborted (a task-group task could be cancelled before it ran).
-            task = asyncio.ensure_future(self.publish(state))
-            self.commits.add(task)
-            task.add_done_callback(self.commits.discard)
-
-    async def publish(self, state: ShardState) -> None:
+    async def shard(self, shard: OpenShard, slots: asyncio.Semaphore) -> None:
+        ref = shard.ref
         try:
-            written = await state.writer.commit()
-        except (BatchJobError, OSError, pa.ArrowException) as e:
-            self.record_failure(state, f"publishing its output: {_reason(e)}")
+            if shard.error is not None:
+                raise shard.error
+            assert shard.stream is not None
+            reader = read_records(
+                shard.stream,
+                ref.format,
+                ref.rel,
+                self.fields,
+                gzip=ref.gzip,
+                chunk_size=self.spec.chunk_size,
+            )
+            writer = await self.storage.writer(self.spec.output, ref.output_rel, self.schema)
+            counts = await write_shard(
+                self.engine,
+                writer,
+                reader,
+                threaded=True,
+                on_rows=lambda n: self.progress.add(documents=n),
+            )
+        except SHARD_ERRORS as e:
+            self.report.fail(ref.rel, f"{type(e).__name__}: {e}")
             return
-        if not written:
-            log.info("shard %s: its output exists already (another run wrote it)", state.ref.rel)
-        self.report.done.append(state.ref.rel)
-        self.report.documents += state.written
-        self.report.errors += state.errors
-        self.report.truncated += state.truncated
+        finally:
+            shard.close()
+            slots.release()
+        if counts.existing:
+            log.info("shard %s: its output exists already (another run wrote it)", ref.rel)
+        self.report.done.append(ref.rel)
+        self.report.counts.add(counts)
         self.progress.add(shards=1)
-        log.debug("shard done: %s (%d rows)", state.ref.rel, state.written)
-
-    def fail_shard(self, state: ShardState, reason: str) -> None:
-        state.writer.abort()
-        state.waiting.clear()
-        state.ready.clear()
-        self.open_shards.remove(state)
-        self.record_failure(state, reason)
-
-    def record_failure(self, state: ShardState, reason: str) -> None:
-        log.error("shard failed: %s: %s", state.ref.rel, reason)
-        state.failed = reason
-        self.report.failed.append({"shard": state.ref.rel, "error": reason})
-
-
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
-
-
-def _next_chunk(reader: Iterator[list[Record]]) -> list[Record] | None:
-    return next(reader, None)
+        log.debug("shard done: %s (%d rows)", ref.rel, counts.documents)
 
 
 def _manifest(spec: RunSpec, artifact: Artifact, report: Report) -> dict[str, Any]:
+    counts = report.counts
     return {
         "input": spec.input,
         "input_manifest": spec.input_manifest,
@@ -407,17 +241,17 @@ def _manifest(spec: RunSpec, artifact: Artifact, report: Report) -> dict[str, An
         "versions": artifact.versions,
         "shards": {"done": report.done, "skipped": report.skipped, "failed": report.failed},
         "counts": {
-            "documents": report.documents,
-            "errors": report.errors,
-            "truncated": report.truncated,
-            "batches": report.batches,
-            "real_tokens": report.real_tokens,
-            "compiled_tokens": report.compiled_tokens,
+            "documents": counts.documents,
+            "errors": counts.errors,
+            "truncated": counts.truncated,
+            "batches": report.engine.batches,
+            "real_tokens": report.engine.real_tokens,
+            "compiled_tokens": report.engine.compiled_tokens,
             "replica_restarts": report.replica_restarts,
         },
         "timings": {
             "seconds": round(report.seconds, 3),
             "pipeline_seconds": round(report.pipeline_seconds, 3),
-            "documents_per_second": round(report.documents / max(report.seconds, 1e-9), 2),
+            "documents_per_second": round(counts.documents / max(report.seconds, 1e-9), 2),
         },
     }

@@ -23,7 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batchjob.config import CompileSpec, check_replica_options, default_cache_dir
+from batchjob.config import (
+    SHAPE_FIELDS,
+    CompileSpec,
+    check_replica_options,
+    compile_spec,
+    default_cache_dir,
+    require,
+)
 from batchjob.errors import UsageError
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
@@ -40,7 +47,6 @@ DEFAULT_HEADER_TIMEOUT = 60.0
 # The grace before a body (or an answer) must flow at serve_limits.MIN_TRANSFER_RATE:
 # nginx's client_body_timeout and Apache's RequestReadTimeout body=20 are of this order.
 DEFAULT_BODY_TIMEOUT = 30.0
-SHAPE_FLAGS = ("batch_size", "sequence_length", "buckets", "max_batch_tokens")
 # HF_TASK values of the toolkit (and transformers' aliases) → batchjob's tasks.
 HF_TASKS = {
     "text-classification": "text-classification",
@@ -69,24 +75,24 @@ class ServeSpec:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
 
     def __post_init__(self) -> None:
-        _require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
+        require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
         check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
-        _require(
+        require(
             0 <= self.max_batch_delay_ms <= 10_000,
             f"--max-batch-delay-ms must be 0..10000, got {self.max_batch_delay_ms:g}",
         )
-        _require(
+        require(
             1 <= self.max_payload_mb <= MAX_PAYLOAD_MB_LIMIT,
             f"SAGEMAKER_MAX_PAYLOAD_IN_MB must be 1..{MAX_PAYLOAD_MB_LIMIT}, "
             f"got {self.max_payload_mb}",
         )
-        _require(bool(self.text_field), "--text-field must not be empty")
-        _require(self.drain_seconds >= 0, f"--drain-seconds must be ≥ 0, got {self.drain_seconds}")
-        _require(
+        require(bool(self.text_field), "--text-field must not be empty")
+        require(self.drain_seconds >= 0, f"--drain-seconds must be ≥ 0, got {self.drain_seconds}")
+        require(
             self.max_concurrent_requests is None or self.max_concurrent_requests >= 1,
             f"--max-concurrent-requests must be ≥ 1, got {self.max_concurrent_requests}",
         )
-        _require(
+        require(
             0 <= self.queue_timeout <= 3600,
             f"--queue-timeout must be 0..3600 seconds, got {self.queue_timeout:g}",
         )
@@ -94,18 +100,13 @@ class ServeSpec:
             ("--header-timeout", self.header_timeout),
             ("--body-timeout", self.body_timeout),
         ):
-            _require(0 < value <= 3600, f"{flag} must be over 0 and ≤ 3600 seconds, got {value:g}")
+            require(0 < value <= 3600, f"{flag} must be over 0 and ≤ 3600 seconds, got {value:g}")
         if not self.cache_dir:
             object.__setattr__(self, "cache_dir", default_cache_dir())
 
     @property
     def max_payload_bytes(self) -> int:
         return self.max_payload_mb << 20
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UsageError(message)
 
 
 def _env_int(environ: Mapping[str, str], name: str) -> int | None:
@@ -164,7 +165,7 @@ def neuron_shape(model: str) -> tuple[int | None, int | None]:
     found = []
     for key in ("static_batch_size", "static_sequence_length"):
         value = neuron.get(key)
-        _require(
+        require(
             value is None or (isinstance(value, int) and value >= 1),
             f"{path}: neuron.{key} must be an integer ≥ 1, got {value!r}",
         )
@@ -174,7 +175,7 @@ def neuron_shape(model: str) -> tuple[int | None, int | None]:
 
 def _shapes(fields: dict[str, Any], model: str, environ: Mapping[str, str]) -> None:
     """Fill the shape fields from the environment where no shape flag was given."""
-    if any(name in fields for name in SHAPE_FLAGS):
+    if any(name in fields for name in SHAPE_FIELDS):
         return
     # A model compiled by optimum-neuron has these in its config; the toolkit prefers them.
     batch, length = neuron_shape(model)
@@ -185,7 +186,7 @@ def _shapes(fields: dict[str, Any], model: str, environ: Mapping[str, str]) -> N
             ("HF_OPTIMUM_BATCH_SIZE", batch),
             ("HF_OPTIMUM_SEQUENCE_LENGTH", length),
         ):
-            _require(value is None or value >= 1, f"{name} must be ≥ 1, got {value}")
+            require(value is None or value >= 1, f"{name} must be ≥ 1, got {value}")
     if batch is not None:
         fields["batch_size"] = batch
     if length is not None:
@@ -194,8 +195,6 @@ def _shapes(fields: dict[str, Any], model: str, environ: Mapping[str, str]) -> N
 
 def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpec:
     """The spec from parsed flags (absent ones missing) and the process environment."""
-    from batchjob.cli import compile_spec
-
     fields = dict(flags)
     fields["model"] = _model(fields, environ)
     if task := _task(fields, environ):
@@ -206,7 +205,7 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
     port = fields.get("port")
     if port is None:
         port = _env_int(environ, "SAGEMAKER_BIND_TO_PORT")
-        _require(
+        require(
             port is None or 1 <= port <= 65535,
             f"SAGEMAKER_BIND_TO_PORT must be 1..65535, got {port}",
         )

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from batchjob.artifact import Artifact
-from batchjob.engine import Engine, EngineClosedError, start_engine
+from batchjob.engine import Engine, EngineClosedError, open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
-from batchjob.replica_process import plan_placements
 from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
 from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
 from batchjob.serve_limits import NoSlot, SendTimeout, Slots, read_body, send_body
@@ -248,21 +247,9 @@ async def _serve(spec: ServeSpec) -> int:
 
 
 async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
-    # Imported here, not at the top: torch takes seconds to import, and /ping should answer
-    # (503) from the first moment.
-    from batchjob.backends import get_backend
-    from batchjob.compile import ensure_artifact
-
     spec = state.spec
     # In a thread: compiling a plain model takes a while, and /ping must answer meanwhile.
-    artifact = await asyncio.to_thread(ensure_artifact, spec.compile, spec.cache_dir)
-    if spec.compile.task is not None and artifact.task != spec.compile.task:
-        raise UsageError(
-            f"--task (or HF_TASK) is {spec.compile.task} but the artifact {artifact.path} "
-            f"was compiled for {artifact.task}"
-        )
-    device = get_backend(artifact.backend).device
-    placements = plan_placements(spec.replicas, spec.cores_per_replica, device)
+    artifact, placements = await asyncio.to_thread(open_artifact, spec)
     state.artifact, state.replicas = artifact, len(placements)
     state.slots = Slots(request_slots(spec, len(placements)), spec.queue_timeout)
     state.engine, _ = await start_engine(

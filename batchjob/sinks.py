@@ -16,7 +16,7 @@ import posixpath
 import re
 import socket
 import tempfile
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,17 +39,22 @@ def output_schema(task: str) -> pa.Schema:
     )
 
 
-# One output row: id, the task's values (None for an error row), truncated, error.
-Row = tuple[str, dict[str, Any] | None, bool, str | None]
+class Row(NamedTuple):
+    """One output row."""
+
+    id: str
+    values: dict[str, Any] | None  # the task's columns; None for an error row
+    truncated: bool
+    error: str | None
 
 
 def row_columns(task_names: list[str], rows: list[Row]) -> dict[str, list[Any]]:
     """Rows → the output's columns (`output_schema`), for `OutputWriter.write`."""
-    columns: dict[str, list[Any]] = {"id": [r[0] for r in rows]}
+    columns: dict[str, list[Any]] = {"id": [r.id for r in rows]}
     for name in task_names:
-        columns[name] = [None if r[1] is None else r[1][name] for r in rows]
-    columns["truncated"] = [r[2] for r in rows]
-    columns["error"] = [r[3] for r in rows]
+        columns[name] = [None if r.values is None else r.values[name] for r in rows]
+    columns["truncated"] = [r.truncated for r in rows]
+    columns["error"] = [r.error for r in rows]
     return columns
 
 
@@ -102,8 +107,6 @@ def stale_temp_files(output: str | None = None) -> list[str]:
 class OutputWriter(Protocol):
     """One shard's output: rows in input order, then published whole or thrown away."""
 
-    rows: int
-
     def write(self, columns: dict[str, list[Any]]) -> None: ...
 
     async def commit(self) -> bool:
@@ -120,12 +123,9 @@ class _ParquetTemp:
         self.tmp = tmp
         self.schema = schema
         self._writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-        self.rows = 0
 
     def write(self, columns: dict[str, list[Any]]) -> None:
-        table = pa.table(columns, schema=self.schema)
-        self._writer.write_table(table)
-        self.rows += table.num_rows
+        self._writer.write_table(pa.table(columns, schema=self.schema))
 
     def abort(self) -> None:
         # Also after a failed write (a full disk): closing may fail again; the file goes.

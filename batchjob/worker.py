@@ -25,15 +25,16 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchjob.config import WorkerSpec
-from batchjob.engine import Engine, start_engine
-from batchjob.errors import BatchJobError, UsageError
-from batchjob.executor import Counts, Executor
+from batchjob.engine import Engine, open_artifact, start_engine
+from batchjob.errors import BatchJobError
+from batchjob.executor import Executor, message_line
 from batchjob.messages import ObjectWork, Work, parse_message
 from batchjob.metrics import WorkerMetrics
+from batchjob.pipeline import Counts
 from batchjob.queue import MAX_WAIT_SECONDS, Message, QueueError, SqsQueue
 from batchjob.replicas import ReplicaPool
 from batchjob.storage import Storage
@@ -47,13 +48,14 @@ CLOCK_MARGIN = 5.0  # seconds: our receipt time trails SQS's
 
 @dataclass
 class Summary:
+    """Messages by outcome, and what their work produced."""
+
     done: int = 0
     duplicate: int = 0
     ignored: int = 0
     failed: int = 0
     released: int = 0
-    documents: int = 0
-    errors: int = 0
+    counts: Counts = field(default_factory=Counts)
     busy_seconds: float = 0.0  # time with at least one message in progress
 
 
@@ -202,7 +204,7 @@ class Worker:
     async def _handle(self, message: Message) -> None:
         work = asyncio.create_task(self._work(message))
         try:
-            counts = await self._keep_hidden(message, work)
+            done: tuple[str, Counts] | None = await self._keep_hidden(message, work)
         except asyncio.CancelledError:
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
@@ -221,15 +223,16 @@ class Worker:
                 "message %s: its outputs are committed but it was not deleted (%s): a "
                 "redelivery will find them and skip the work", message.id, e,
             )  # fmt: skip
-        if counts is None:
+        counts = None if done is None else done[1]
+        if done is None:
             outcome, what = "ignored", "nothing to do (a test event, or not an object's creation)"
         else:
-            outcome = "duplicate" if counts.existing and not counts.outputs else "done"
-            what = str(counts)
+            outcome = "duplicate" if done[1].existing and not done[1].outputs else "done"
+            what = message_line(*done)
         self._count(outcome, counts, seconds)
         log.info("%.3fs message %s %s: %s", seconds, message.id, outcome, what)
 
-    async def _keep_hidden(self, message: Message, work: asyncio.Task[Counts | None]) -> Any:
+    async def _keep_hidden(self, message: Message, work: asyncio.Task[Any]) -> Any:
         """Await `work`, extending the message's visibility before it lapses."""
         ceiling = self.spec.visibility_ceiling - CLOCK_MARGIN
         while True:
@@ -270,20 +273,23 @@ class Worker:
         self.metrics.messages.labels(outcome).inc()
         self.metrics.seconds.observe(seconds)
         if counts is not None:
-            summary.documents += counts.documents
-            summary.errors += counts.errors
+            summary.counts.add(counts)
             self.metrics.documents.inc(counts.documents)
             self.metrics.errors.inc(counts.errors)
 
-    async def _work(self, message: Message) -> Counts | None:
-        """The message's work, done: its counts; None when it asks for nothing."""
+    async def _work(self, message: Message) -> tuple[str, Counts] | None:
+        """The message's work, done: what it was and its counts; None when it asks for
+        nothing."""
         works: list[Work] = []
         for work in parse_message(message.body, message.id):
             if isinstance(work, ObjectWork) and self.executor.own_output(work.url):
                 log.info("message %s: %s is its own output: ignored", message.id, work.url)
             else:
                 works.append(work)
-        return await self.executor.do(works) if works else None
+        if not works:
+            return None
+        what = "; ".join(self.executor.describe(work) for work in works)
+        return what, await self.executor.do(works)
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -294,11 +300,12 @@ def work(spec: WorkerSpec) -> int:
     failed. UsageError: no such queue, bucket or model (nothing received)."""
     started = time.monotonic()
     summary, fatal = asyncio.run(_main(spec))
-    rate = summary.documents / summary.busy_seconds if summary.busy_seconds else 0.0
+    counts = summary.counts
+    rate = counts.documents / summary.busy_seconds if summary.busy_seconds else 0.0
     print(
         f"batchjob worker: {summary.done} messages done, {summary.duplicate} duplicate, "
         f"{summary.ignored} ignored, {summary.failed} failed, {summary.released} released; "
-        f"{summary.documents} documents, {summary.errors} errors; "
+        f"{counts.documents} documents, {counts.errors} errors; "
         f"{time.monotonic() - started:.1f}s, busy {summary.busy_seconds:.3f}s, "
         f"{rate:.1f} documents/s while busy",
         flush=True,
@@ -310,11 +317,6 @@ def work(spec: WorkerSpec) -> int:
 
 
 async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
-    # Imported here: torch takes seconds to import, and a bad --queue should fail at once.
-    from batchjob.backends import get_backend
-    from batchjob.compile import ensure_artifact
-    from batchjob.replica_process import plan_placements
-
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     worker: Worker | None = None
@@ -341,18 +343,11 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
             storage = Storage(connections=32, expected_bucket_owner=spec.expected_bucket_owner)
             await stack.enter_async_context(storage)
             await storage.check_writable(spec.output)
-            artifact = await asyncio.to_thread(ensure_artifact, spec.compile, spec.cache_dir)
-            if spec.compile.task is not None and artifact.task != spec.compile.task:
-                raise UsageError(
-                    f"--task is {spec.compile.task} but the artifact {artifact.path} was "
-                    f"compiled for {artifact.task}"
-                )
+            artifact, placements = await asyncio.to_thread(open_artifact, spec)
             metrics = WorkerMetrics()
             if spec.metrics_port is not None:
                 runner = await metrics.serve(spec.metrics_host, spec.metrics_port)
                 stack.push_async_callback(runner.cleanup)
-            device = get_backend(artifact.backend).device
-            placements = plan_placements(spec.replicas, spec.cores_per_replica, device)
             engine, pool = await start_engine(
                 stack,
                 artifact,

@@ -20,8 +20,9 @@ import pytest
 import regex
 import yaml
 
-from batchjob.cli import build_parser, run_spec, worker_spec
-from batchjob.config import load_job_file
+from batchjob.cli import build_parser
+from batchjob.config import run_spec, worker_spec
+from batchjob.job_files import load_job_file
 from batchjob.serve_config import HF_TASKS, MAX_PAYLOAD_MB_LIMIT
 from batchjob.serve_formats import REQUEST_TYPES, RESPONSE_TYPES
 from batchjob.serving import max_concurrent_transforms

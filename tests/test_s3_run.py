@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchjob.cli import build_parser, main, run_spec
-from batchjob.config import CompileSpec, RunSpec
+from batchjob.cli import build_parser, main
+from batchjob.config import CompileSpec, RunSpec, run_spec
 from batchjob.errors import UsageError
 from batchjob.runner import run
 from tests.conftest import CompileFn, batchjob_run, make_texts, write_jsonl

@@ -143,8 +143,8 @@ def test_worker_refuses_to_start_without_an_allow_list(
 
 
 def test_worker_job_file_carries_the_allow_list(tmp_path: Path) -> None:
-    from batchjob.cli import worker_spec
-    from batchjob.config import load_job_file
+    from batchjob.config import worker_spec
+    from batchjob.job_files import load_job_file
 
     job = tmp_path / "worker.yaml"
     job.write_text(

@@ -1,0 +1,102 @@
+"""One shard through the engine, as `run` and `worker` both write shards:
+
+    chunks of records ─► Engine.infer (a few chunks in flight, sharing batches with every
+    other caller's) ─► rows in input order ─► the output's temp file ─► published once
+
+Rows reach the output in input order as the oldest chunk finishes; a row group is written
+every ROWS_PER_WRITE rows, so memory stays bounded by the chunks in flight. The output is
+published only when the whole shard is done (sinks.py: a rename, or one conditional S3
+upload), and thrown away on any failure or cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from batchjob.engine import Engine, Result
+from batchjob.records import Record
+from batchjob.sinks import OutputWriter, Row, row_columns
+
+CHUNKS_IN_FLIGHT = 4  # per shard: results are written in order as the oldest chunk finishes
+ROWS_PER_WRITE = 4096  # rows per Parquet row group
+
+
+@dataclass
+class Counts:
+    """What writing shards produced: `run`'s manifest, a worker's message, their summaries."""
+
+    outputs: int = 0  # outputs written by us
+    existing: int = 0  # outputs there already (a redelivery, another run's)
+    documents: int = 0  # rows written
+    errors: int = 0  # error rows among them
+    truncated: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.outputs += other.outputs
+        self.existing += other.existing
+        self.documents += other.documents
+        self.errors += other.errors
+        self.truncated += other.truncated
+
+
+async def write_shard(
+    engine: Engine,
+    writer: OutputWriter,
+    chunks: Iterator[list[Record]],
+    *,
+    threaded: bool = False,
+    on_rows: Callable[[int], None] | None = None,
+) -> Counts:
+    """Chunks of records (read in a thread when `threaded`: parsing, maybe gunzip) → the
+    engine → rows in order → `writer`, committed. `on_rows(n)` after each row group."""
+    counts = Counts()
+    task_names = engine.task_names
+    pending: deque[tuple[list[Record], asyncio.Task[list[Result]]]] = deque()
+    rows: list[Row] = []
+
+    async def oldest_done() -> None:
+        records, task = pending.popleft()
+        results = await task
+        for record, result in zip(records, results, strict=True):
+            rows.append(Row(record.id, result.values, result.truncated, result.error))
+        if len(rows) >= ROWS_PER_WRITE or not pending:
+            writer.write(row_columns(task_names, rows))
+            counts.documents += len(rows)
+            counts.errors += sum(row.error is not None for row in rows)
+            counts.truncated += sum(row.truncated for row in rows)
+            if on_rows is not None:
+                on_rows(len(rows))
+            rows.clear()
+
+    try:
+        while True:
+            if threaded:
+                records = await asyncio.to_thread(next, chunks, None)
+            else:
+                records = next(chunks, None)
+            if records is None:
+                break
+            pending.append((records, asyncio.create_task(engine.infer(records))))
+            if len(pending) >= CHUNKS_IN_FLIGHT:
+                await oldest_done()
+        while pending:
+            await oldest_done()
+    except BaseException:
+        for _, task in pending:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
+        writer.abort()
+        raise
+    if await writer.commit():
+        counts.outputs = 1
+    else:
+        counts.existing = 1
+    return counts
+
+
+def chunked(records: list[Record], size: int) -> Iterator[list[Record]]:
+    for start in range(0, len(records), size):
+        yield records[start : start + size]
