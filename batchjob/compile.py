@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -13,6 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from batchjob.staging import make_staging, publish, remove_abandoned_staging
 
 log = logging.getLogger("batchjob.compile")
 
+CALIBRATION_SAMPLE = 2000  # records --calibrate reads
 # fp32 graphs must reproduce the eager model this closely (on the logits or embeddings).
 FP32_TOLERANCE = 1e-4
 
@@ -118,31 +122,33 @@ def _length_for(lengths: np.ndarray, limit: int) -> int:
     return min(next((n for n in (32, 64, 128, 256, 512) if n >= need), 512), limit)
 
 
-def calibration_lengths(
-    path: str, loaded: LoadedModel, limit: int, sample: int = 2000
-) -> np.ndarray:
-    """Token counts of up to `sample` records of the shards at `path` (untruncated)."""
-    from tokenizers import Tokenizer
-
+def calibration_sample(path: str, sample: int = CALIBRATION_SAMPLE) -> list[str]:
+    """The texts of up to `sample` records of the shards at `path`, in order."""
     from batchjob.records import Fields, read_records
     from batchjob.shards import list_shards
 
-    # A copy: the artifact saves the model's tokenizer as it came.
-    tokenizer = Tokenizer.from_str(loaded.tokenizer.backend_tokenizer.to_str())
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
     texts: list[str] = []
     for shard in list_shards(path):
         with open(shard.path, "rb") as stream:
             for chunk in read_records(stream, shard.format, shard.rel, Fields(), gzip=shard.gzip):
                 texts += [r.text for r in chunk if r.text is not None]
                 if len(texts) >= sample:
-                    break
-        if len(texts) >= sample:
-            break
+                    return texts[:sample]
     if not texts:
         raise UsageError(f"--calibrate {path}: no readable records")
-    lengths = np.array([len(e.ids) for e in tokenizer.encode_batch(texts[:sample])])
+    return texts
+
+
+def calibration_lengths(path: str, loaded: LoadedModel, limit: int) -> np.ndarray:
+    """Token counts of the calibration sample at `path` (untruncated)."""
+    from tokenizers import Tokenizer
+
+    # A copy: the artifact saves the model's tokenizer as it came.
+    tokenizer = Tokenizer.from_str(loaded.tokenizer.backend_tokenizer.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    texts = calibration_sample(path)
+    lengths = np.array([len(e.ids) for e in tokenizer.encode_batch(texts)])
     log.info(
         "calibrated on %d records of %s: tokens p10 %d, median %d, p90 %d, p99 %d",
         len(lengths),
@@ -313,8 +319,22 @@ def ensure_artifact(spec: CompileSpec, cache_dir: str) -> Artifact:
 
 
 def _cache_key(spec: CompileSpec) -> str:
-    """Model identity (a local model's files, by name, size and mtime) plus every option."""
-    model = os.path.abspath(spec.model) if os.path.isdir(spec.model) else spec.model
+    """Every field of the spec, the model's identity (a local model's files, by name, size
+    and mtime), the calibration sample by its content, and what compiles: the libraries'
+    versions, batchjob's own and the source of the modules that make an artifact."""
+    options: dict[str, object] = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.name == "model":
+            value = os.path.abspath(value) if os.path.isdir(value) else value
+        elif f.name == "dtype":
+            value = resolve_dtype(spec)  # auto is what this machine makes of it
+        elif f.name == "shapes":
+            value = [(s.seq_len, s.batch_size) for s in value]
+        elif f.name == "calibrate" and value is not None:
+            value = _digest("\0".join(calibration_sample(value)).encode())
+        options[f.name] = value
+    model = str(options["model"])
     files = []
     if os.path.isdir(model):
         for root, _, names in os.walk(model):
@@ -323,19 +343,26 @@ def _cache_key(spec: CompileSpec) -> str:
                 files.append(
                     (os.path.relpath(os.path.join(root, name), model), st.st_size, st.st_mtime_ns)
                 )
-    options = {
-        "model": model,
+    options |= {
         "files": sorted(files),
-        "task": spec.task,
-        "backend": spec.backend,
-        "dtype": resolve_dtype(spec),
-        "shapes": [(s.seq_len, s.batch_size) for s in spec.shapes],
-        "compiler_args": spec.compiler_args,
-        "pooling": spec.pooling,
-        "normalize": spec.normalize,
         "versions": _versions(),
         "format": FORMAT_VERSION,  # an artifact of an older format is compiled again
+        "code": _code_digest(),
     }
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
+    digest = _digest(json.dumps(options, sort_keys=True).encode())[:16]
     name = os.path.basename(model.rstrip("/")) or "model"
     return f"{name}-{digest}"
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def _code_digest() -> str:
+    """The source of what makes an artifact: a change there compiles cached models again, as
+    a release of batchjob would."""
+    here = Path(__file__).parent
+    names = ["compile.py", "graphs.py", "models.py", "batching.py", "artifact.py"]
+    names += ["artifact_manifest.py", "backends/cpu.py", "backends/neuron.py"]
+    return _digest(b"".join((here / name).read_bytes() for name in names))

@@ -495,22 +495,46 @@ def test_ensure_artifact_compiles_once_into_the_cache(
     )
 
 
-def test_cache_key_changes_with_every_option(classifier_dir: Path) -> None:
+def test_cache_key_changes_with_every_option(
+    classifier_dir: Path, embedder_dir: Path, tmp_path: Path
+) -> None:
+    """Every field of the spec, each alone: a new field without a variant here fails."""
+    (tmp_path / "sample").mkdir()
+    (tmp_path / "sample" / "a.txt").write_text("one\ntwo words\n")
     base = CompileSpec(model=str(classifier_dir), shapes=SMALL, dtype="fp32")
+    alternatives: dict[str, object] = {
+        "model": str(embedder_dir),
+        "task": "feature-extraction",
+        "backend": "neuronx",
+        "dtype": "bf16",
+        "shapes": (Shape(8, 2), Shape(16, 1)),
+        "compiler_args": ("--optlevel", "1"),  # on a neuron backend: the cpu takes none
+        "pooling": "cls",
+        "normalize": False,
+        "packing": False,
+        "max_segments": 3,
+        "calibrate": str(tmp_path / "sample"),
+    }
+    assert sorted(alternatives) == sorted(f.name for f in dataclasses.fields(CompileSpec))
+    for name, value in alternatives.items():
+        start = dataclasses.replace(base, backend="neuronx") if name == "compiler_args" else base
+        assert _cache_key(dataclasses.replace(start, **{name: value})) != _cache_key(start), name
     variants = [
         base,
-        dataclasses.replace(base, task="feature-extraction"),
-        dataclasses.replace(base, dtype="bf16"),
+        dataclasses.replace(base, packing=True),
         dataclasses.replace(base, shapes=(Shape(8, 1),)),
-        dataclasses.replace(base, shapes=(Shape(8, 2), Shape(16, 1))),
-        dataclasses.replace(base, pooling="cls"),
-        dataclasses.replace(base, normalize=False),
-        dataclasses.replace(base, backend="neuronx"),
-        dataclasses.replace(base, backend="neuronx", compiler_args=("--optlevel", "1")),
         dataclasses.replace(base, backend="neuron"),
+        dataclasses.replace(base, backend="neuronx"),
     ]
     keys = [_cache_key(spec) for spec in variants]
     assert len(set(keys)) == len(keys)
+    # The sample counts by its content, not its path; another content is another key.
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "sample", copy)
+    calibrated = dataclasses.replace(base, calibrate=str(tmp_path / "sample"))
+    assert _cache_key(dataclasses.replace(base, calibrate=str(copy))) == _cache_key(calibrated)
+    (copy / "a.txt").write_text("one\nthree words here\n")
+    assert _cache_key(dataclasses.replace(base, calibrate=str(copy))) != _cache_key(calibrated)
     assert _cache_key(base) == _cache_key(dataclasses.replace(base))
     assert all(key.startswith(f"{classifier_dir.name}-") for key in keys)
     auto = dataclasses.replace(base, dtype="auto")
