@@ -69,7 +69,7 @@ class Batch:
 
 @runtime_checkable
 class Batcher(Protocol):
-    """A batching strategy: buckets now, sequence packing later."""
+    """A batching strategy: buckets or sequence packing (`make_batcher`)."""
 
     def add(self, items: Iterable[Item]) -> list[Batch]: ...
 
@@ -107,10 +107,6 @@ class BucketBatcher:
         # Per bucket, FIFO of (sequence number, item); the number says when it was added.
         self._queues: list[list[tuple[int, Item]]] = [[] for _ in shapes]
         self._added = 0
-
-    @property
-    def shapes(self) -> tuple[Shape, ...]:
-        return self._shapes
 
     @property
     def pending(self) -> int:

@@ -57,8 +57,8 @@ def plan_placements(
         raise ValueError(f"--cores-per-replica must be ≥ 1, got {cores_per_replica}")
     if replicas is not None and replicas < 1:
         raise ValueError(f"--replicas must be ≥ 1, got {replicas}")
-    if device not in ("cpu", "neuron", "neuronx"):
-        raise ValueError(f"--device must be 'cpu' or 'neuron', got {device!r}")
+    if device not in ("cpu", "neuron"):  # a backend's `device`: how its replicas are placed
+        raise ValueError(f"device must be 'cpu' or 'neuron', got {device!r}")
     host = host or Host()
     available = sorted(os.sched_getaffinity(0))
     if device == "cpu":

@@ -35,8 +35,8 @@ from batchjob.executor import Executor, message_line
 from batchjob.messages import ObjectWork, Work, parse_message
 from batchjob.metrics import WorkerMetrics
 from batchjob.pipeline import Counts
-from batchjob.queue import MAX_WAIT_SECONDS, Message, QueueError, SqsQueue
 from batchjob.replicas import ReplicaPool
+from batchjob.sqs import MAX_WAIT_SECONDS, Message, QueueError, SqsQueue
 from batchjob.storage import Storage
 
 log = logging.getLogger("batchjob.worker")

@@ -277,7 +277,7 @@ def test_the_log_line_names_the_environment_and_idle_cores(
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     monkeypatch.setenv("NEURON_RT_VISIBLE_CORES", "0-4")
-    assert len(plan_placements(None, 2, "neuronx", host=host)) == 2
+    assert len(plan_placements(None, 2, "neuron", host=host)) == 2
     assert messages(caplog) == [
         "2 replicas of 2 NeuronCores: NEURON_RT_VISIBLE_CORES=0-4; 1 core left idle"
     ]
@@ -562,7 +562,7 @@ def test_core_lists() -> None:
         (None, 0, "cpu", "--cores-per-replica must be ≥ 1, got 0"),
         (0, 1, "cpu", "--replicas must be ≥ 1, got 0"),
         (-1, 1, "neuron", "--replicas must be ≥ 1, got -1"),
-        (1, 1, "gpu", "--device must be 'cpu' or 'neuron', got 'gpu'"),
+        (1, 1, "gpu", "device must be 'cpu' or 'neuron', got 'gpu'"),
     ],
 )
 def test_plan_placements_rejects(

@@ -23,9 +23,9 @@ import pytest
 from batchjob.config import CompileSpec, WorkerSpec
 from batchjob.engine import Engine
 from batchjob.metrics import WorkerMetrics
-from batchjob.queue import SqsQueue
 from batchjob.replica_process import plan_placements
 from batchjob.replicas import ReplicaPool
+from batchjob.sqs import SqsQueue
 from batchjob.storage import Storage
 from batchjob.worker import Summary, Worker, work
 from tests.conftest import CompileFn, make_texts

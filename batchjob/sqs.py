@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from batchjob.errors import BatchJobError, UsageError
 
-log = logging.getLogger("batchjob.queue")
+log = logging.getLogger("batchjob.sqs")
 
 MAX_WAIT_SECONDS = 20  # SQS's longest long poll
 BATCH_LIMIT = 10  # messages per ReceiveMessage, entries per *Batch call

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from batchjob.errors import UsageError
-from batchjob.queue import Message, QueueError, SqsQueue
+from batchjob.sqs import Message, QueueError, SqsQueue
 from tests.s3_server import MotoServer, moto_server_fixture, s3_env_fixture  # noqa: F401
 from tests.sqs_queues import Queue, Queues, queues_fixture  # noqa: F401
 
