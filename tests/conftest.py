@@ -7,12 +7,14 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +23,10 @@ from batchjob.artifact import Artifact
 from batchjob.batching import Shape
 from batchjob.compile import compile_artifact
 from batchjob.config import CompileSpec
+
+# The real S3/SQS server (moto on loopback) and its fixtures: `moto_server`, `s3_env`,
+# `bucket`, `proxy`, `queues`, for every test module that asks for them.
+pytest_plugins = ("tests.s3_server", "tests.sqs_queues")
 
 LABELS = ("negative", "neutral", "positive")
 WORDS = tuple(
@@ -142,6 +148,12 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> CompileFn:
     return build
 
 
+@pytest.fixture
+def artifact(classifier_dir: Path, compiled: CompileFn) -> str:
+    """The path of the tiny classifier's artifact (default shapes for these tests)."""
+    return compiled(classifier_dir).path
+
+
 def make_texts(n: int, seed: int = 0, max_words: int = 40) -> list[str]:
     """Varied lengths, so every bucket and the truncation path get used."""
     rng = random.Random(seed)
@@ -174,3 +186,43 @@ def batchjob_run(
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def run_job(artifact: str, input: str | Path, output: str | Path, **options: Any) -> int:
+    """`batchjob run` in-process (one replica unless told), its exit code."""
+    from batchjob.config import CompileSpec, RunSpec
+    from batchjob.runner import run
+
+    options.setdefault("replicas", 1)
+    spec = RunSpec(
+        model=artifact,
+        input=str(input),
+        output=str(output),
+        compile=CompileSpec(model=artifact),
+        progress="none",
+        **options,
+    )
+    return run(spec)
+
+
+def invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The CLI's main(argv) → (exit code, stdout, stderr); argparse exits via SystemExit."""
+    from batchjob.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else -1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code: int, out: str, err: str, needles: tuple[str, ...]) -> None:
+    """A refusal: exit 2, nothing on stdout, one line on stderr holding every needle."""
+    assert code == 2, (code, err)
+    assert out == ""
+    assert err.endswith("\n")
+    assert err.count("\n") == 1, f"expected one line on stderr, got:\n{err}"
+    assert re.match(r"batchjob( \w+)?: error: ", err), err
+    for needle in needles:
+        assert needle in err, (needle, err)

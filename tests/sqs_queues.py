@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -129,8 +130,7 @@ def worker_process(
     name = f"worker-{next(_names)}"
     cmd = [sys.executable, "-m", "batchjob", "--log-level", "INFO", "worker", "--model", artifact]
     cmd += ["--queue", queue.url, "--output", output, "--replicas", "1", *flags]
-    if not any(f.startswith("--allow-") for f in flags):  # the output's bucket, by default
-        cmd += ["--allow-input", output[: output.index("/", len("s3://")) + 1]]
+    cmd += _allow(output, flags)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     stdout, stderr = tmp / f"{name}.out", tmp / f"{name}.err"
     with stdout.open("w") as out_file, stderr.open("w") as err_file:
@@ -153,3 +153,45 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
             raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(0.1)
     return value
+
+
+@dataclass
+class WorkerRun:
+    """A worker run in-process to its end (idle): its exit code, stdout and log."""
+
+    code: int
+    stdout: str
+    text: str
+
+    def log(self) -> str:
+        return self.text
+
+    def messages(self, outcome: str = "done") -> list[str]:
+        return re.findall(rf"message (\S+) {outcome}\b", self.text)
+
+
+def run_worker(
+    artifact: str,
+    queue: Queue,
+    output: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    *flags: str,
+) -> WorkerRun:
+    """`batchjob worker` in this process, until it exits (give it --exit-when-idle)."""
+    from batchjob.cli import main
+
+    caplog.set_level(logging.INFO, logger="batchjob")
+    caplog.clear()
+    argv = ["worker", "--model", artifact, "--queue", queue.url, "--output", output]
+    argv += ["--replicas", "1", *flags, *_allow(output, flags)]
+    code = main(argv)
+    out, _ = capsys.readouterr()
+    return WorkerRun(code, out, caplog.text)
+
+
+def _allow(output: str, flags: tuple[str, ...]) -> list[str]:
+    """The output's bucket as the allowed input, unless the flags say otherwise."""
+    if any(f.startswith("--allow-") for f in flags):
+        return []
+    return ["--allow-input", output[: output.index("/", len("s3://")) + 1]]

@@ -16,8 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchjob.cli import main
-from tests.conftest import CompileFn, make_texts, write_jsonl
+from tests.conftest import CompileFn, assert_usage_error, invoke, make_texts, write_jsonl
 
 SUMMARY = re.compile(
     r"batchjob run: (\d+) documents, (\d+) errors, \d+ shards done, \d+ failed, "
@@ -65,26 +64,6 @@ def ctx(classifier_dir: Path, compiled: CompileFn, tmp_path: Path) -> Ctx:
     artifact = compiled(classifier_dir)
     write_jsonl(tmp_path / "in" / "a.jsonl", [{"id": "a1", "text": "fine"}])
     return Ctx(tmp_path, artifact.path, tmp_path / "in", tmp_path / "out", tmp_path / "cache")
-
-
-def invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """main(argv) → (exit code, stdout, stderr); argparse's errors exit through SystemExit."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else -1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_usage_error(code: int, out: str, err: str, needles: tuple[str, ...]) -> None:
-    assert code == 2, (code, err)
-    assert out == ""
-    assert err.endswith("\n")
-    assert err.count("\n") == 1, f"expected one line on stderr, got:\n{err}"
-    assert re.match(r"batchjob( \w+)?: error: ", err), err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 def _job_file(c: Ctx, text: str) -> str:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
-from tests.conftest import CompileFn, batchjob_run, make_texts
+from tests.conftest import assert_usage_error, batchjob_run, invoke, make_texts
 from tests.iam_world import (
     ACCOUNT,
     BUCKET,
@@ -39,7 +39,6 @@ from tests.iam_world import (
 )
 from tests.s3_server import FaultProxy, MotoServer, aws_environment
 from tests.sqs_queues import Queue, worker_process
-from tests.test_cli import assert_usage_error, invoke
 
 NAMES = ("run", "worker", "serve")
 STARTUP = 120.0  # seconds: bound on imports + replica start of a command on a busy machine
@@ -255,11 +254,6 @@ def test_policies_fit_the_other_manifests() -> None:
 
 
 # -- enough: the real commands under each policy --------------------------------------------------
-
-
-@pytest.fixture(name="artifact")
-def artifact_fixture(compiled: CompileFn, classifier_dir: Path) -> str:
-    return compiled(classifier_dir).path
 
 
 def test_run_then_resume_under_the_run_policy(

@@ -22,22 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchjob.cli import main
-from tests.conftest import CompileFn, make_texts, write_jsonl
-from tests.s3_server import (  # noqa: F401  (fixtures)
+from tests.conftest import make_texts, write_jsonl
+from tests.s3_server import (
     Bucket,
     Fault,
     FaultProxy,
-    MotoServer,
-    bucket_fixture,
-    moto_server_fixture,
-    proxy_fixture,
-    s3_env_fixture,
 )
-
-
-@pytest.fixture
-def artifact(classifier_dir: Path, compiled: CompileFn) -> str:
-    return compiled(classifier_dir).path
 
 
 def cli(artifact: str, inp: str, out: str, *extra: str) -> list[str]:

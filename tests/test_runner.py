@@ -21,21 +21,7 @@ import pytest
 
 from batchjob.batching import Shape
 from batchjob.cli import main
-from batchjob.config import CompileSpec, RunSpec
-from batchjob.runner import run
-from tests.conftest import CompileFn, make_texts, write_jsonl
-
-
-def run_job(artifact_path: str, input: Path, output: Path, **options: Any) -> int:
-    spec = RunSpec(
-        model=artifact_path,
-        input=str(input),
-        output=str(output),
-        compile=CompileSpec(model=artifact_path),
-        progress="none",
-        **options,
-    )
-    return run(spec)
+from tests.conftest import CompileFn, make_texts, run_job, write_jsonl
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

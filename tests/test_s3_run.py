@@ -23,36 +23,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchjob.cli import build_parser, main
-from batchjob.config import CompileSpec, RunSpec, run_spec
+from batchjob.config import run_spec
 from batchjob.errors import UsageError
-from batchjob.runner import run
-from tests.conftest import CompileFn, batchjob_run, make_texts, write_jsonl
-from tests.s3_server import (  # noqa: F401  (fixtures)
+from tests.conftest import CompileFn, batchjob_run, make_texts, run_job, write_jsonl
+from tests.s3_server import (
     Bucket,
     Fault,
     FaultProxy,
     MotoServer,
-    bucket_fixture,
-    moto_server_fixture,
-    proxy_fixture,
-    s3_env_fixture,
 )
 
 ODD = "odd dir/a+b=c/résumé ü.jsonl.gz"  # space, +, =, non-ASCII, gzip
 STARTUP = 120.0  # seconds: bound on imports + replica start of a runner process on a busy machine
-
-
-def run_job(artifact: str, input: str, output: str, **options: Any) -> int:
-    options.setdefault("replicas", 1)
-    spec = RunSpec(
-        model=artifact,
-        input=input,
-        output=output,
-        compile=CompileSpec(model=artifact),
-        progress="none",
-        **options,
-    )
-    return run(spec)
 
 
 def s3_table(bucket: Bucket, key: str) -> pa.Table:

@@ -11,8 +11,7 @@ import pytest
 
 from batchjob.errors import UsageError
 from batchjob.sqs import Message, QueueError, SqsQueue
-from tests.s3_server import MotoServer, moto_server_fixture, s3_env_fixture  # noqa: F401
-from tests.sqs_queues import Queue, Queues, queues_fixture  # noqa: F401
+from tests.sqs_queues import Queue, Queues
 
 
 def fill(queue: Queue, n: int) -> None:

@@ -20,14 +20,10 @@ from batchjob.errors import UsageError
 from batchjob.records import Fields, read_records
 from batchjob.s3 import CHUNK_BYTES, CHUNKS_AHEAD, S3, S3Error, S3Url
 from batchjob.storage import ShardRef, Storage
-from tests.s3_server import (  # noqa: F401  (fixtures)
+from tests.s3_server import (
     Bucket,
     Fault,
     FaultProxy,
-    bucket_fixture,
-    moto_server_fixture,
-    proxy_fixture,
-    s3_env_fixture,
 )
 
 T = TypeVar("T")

@@ -28,34 +28,22 @@ from batchjob.replicas import ReplicaPool
 from batchjob.sqs import SqsQueue
 from batchjob.storage import Storage
 from batchjob.worker import Summary, Worker, work
-from tests.conftest import CompileFn, make_texts
+from tests.conftest import CompileFn, assert_usage_error, invoke, make_texts, run_job
 from tests.replica_fakes import Toy
-from tests.s3_server import (  # noqa: F401  (fixtures)
+from tests.s3_server import (
     Bucket,
     Fault,
     FaultProxy,
-    MotoServer,
-    bucket_fixture,
-    moto_server_fixture,
-    proxy_fixture,
-    s3_env_fixture,
 )
-from tests.sqs_queues import (  # noqa: F401  (fixtures)
+from tests.sqs_queues import (
     Queue,
     Queues,
-    queues_fixture,
+    run_worker,
     wait_until,
     worker_process,
 )
-from tests.test_cli import assert_usage_error, invoke
-from tests.test_s3_run import run_job
 
 IDLE = ("--exit-when-idle", "2")
-
-
-@pytest.fixture(name="artifact")
-def artifact_fixture(compiled: CompileFn, classifier_dir: Path) -> str:
-    return compiled(classifier_dir).path
 
 
 def jsonl(prefix: str, n: int, seed: int) -> bytes:
@@ -68,7 +56,11 @@ def table(bucket: Bucket, key: str) -> pa.Table:
 
 
 def test_job_messages_prefix_and_object_match_run(
-    artifact: str, bucket: Bucket, queues: Queues, tmp_path: Path
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     bucket.put_many(
         {
@@ -80,8 +72,8 @@ def test_job_messages_prefix_and_object_match_run(
     queue = queues.make()
     queue.send({"input": bucket.uri("in/")})  # a prefix: run's layout under --output
     queue.send({"input": bucket.uri("one/c.jsonl"), "output": bucket.uri("out/elsewhere/")})
-    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
-        assert worker.finish() == 0, worker.log()
+    worker = run_worker(artifact, queue, bucket.uri("out/"), caplog, capsys, *IDLE)
+    assert worker.code == 0, worker.log()
     assert len(worker.messages("done")) == 2
     assert queue.depth() == 0  # both deleted
     # The same rows as `batchjob run` over the same inputs.
@@ -91,11 +83,15 @@ def test_job_messages_prefix_and_object_match_run(
     assert run_job(artifact, bucket.uri("one/c.jsonl"), bucket.uri("ref-c/")) == 0
     # An object: its whole key, relative to the bucket, under the output.
     assert table(bucket, "out/elsewhere/one/c.parquet").equals(table(bucket, "ref-c/c.parquet"))
-    assert "batchjob worker: 2 messages done" in worker.stdout.read_text()
+    assert "batchjob worker: 2 messages done" in worker.stdout
 
 
 def test_inline_documents_with_bad_ones_become_error_rows(
-    artifact: str, bucket: Bucket, queues: Queues, tmp_path: Path
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     queue = queues.make()
     documents = [
@@ -106,8 +102,8 @@ def test_inline_documents_with_bad_ones_become_error_rows(
     ]
     queue.send({"id": "batch-7", "documents": documents})
     message_id = queue.send({"documents": [{"text": "no id of its own"}]})
-    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
-        assert worker.finish() == 0, worker.log()
+    worker = run_worker(artifact, queue, bucket.uri("out/"), caplog, capsys, *IDLE)
+    assert worker.code == 0, worker.log()
     rows = table(bucket, "out/inline/batch-7.parquet").to_pylist()
     assert [r["id"] for r in rows] == ["d1", "inline/batch-7:2", "inline/batch-7:3", "d4"]
     assert [r["error"] is None for r in rows] == [True, False, False, True]
@@ -121,14 +117,18 @@ def test_inline_documents_with_bad_ones_become_error_rows(
 
 
 def test_s3_notifications_odd_keys_and_the_test_event(
-    artifact: str, bucket: Bucket, queues: Queues, tmp_path: Path
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     queue = queues.make()
     queue.notify_from(bucket, prefix="incoming/")  # moto queues its s3:TestEvent first
     bucket.put("incoming/a b+c.jsonl", jsonl("x", 12, 4))
     bucket.put("incoming/plain.jsonl.gz", gzip.compress(jsonl("y", 9, 5)))
-    with worker_process(artifact, queue, bucket.uri("results/"), tmp_path, *IDLE) as worker:
-        assert worker.finish() == 0, worker.log()
+    worker = run_worker(artifact, queue, bucket.uri("results/"), caplog, capsys, *IDLE)
+    assert worker.code == 0, worker.log()
     assert len(worker.messages("ignored")) == 1  # the TestEvent
     assert len(worker.messages("done")) == 2
     first = table(bucket, "results/incoming/a b+c.parquet")
@@ -138,14 +138,18 @@ def test_s3_notifications_odd_keys_and_the_test_event(
 
 
 def test_events_for_the_workers_own_outputs_are_ignored(
-    artifact: str, bucket: Bucket, queues: Queues, tmp_path: Path
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Notifications for the whole bucket, outputs in the same bucket: no feedback loop."""
     queue = queues.make()
     queue.notify_from(bucket)
     bucket.put("doc.jsonl", jsonl("d", 5, 6))
-    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
-        assert worker.finish() == 0, worker.log()
+    worker = run_worker(artifact, queue, bucket.uri("out/"), caplog, capsys, *IDLE)
+    assert worker.code == 0, worker.log()
     assert sorted(bucket.keys()) == ["doc.jsonl", "out/doc.parquet"]
     # The TestEvent, and the events of out/doc.parquet and of the start's write check.
     assert len(worker.messages("ignored")) == 3
@@ -178,7 +182,11 @@ def test_work_outlasting_three_visibility_timeouts_stays_hidden(
 
 
 def test_poison_message_reaches_the_dead_letter_queue_while_others_flow(
-    artifact: str, bucket: Bucket, queues: Queues, tmp_path: Path
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     queue = queues.make(max_receive_count=2)
     assert queue.dlq is not None
@@ -187,10 +195,8 @@ def test_poison_message_reaches_the_dead_letter_queue_while_others_flow(
         queue.send({"id": f"good-{i}", "documents": [{"text": f"document {i}"}]})
     bucket.put("there.jsonl", jsonl("t", 3, 8))
     queue.send({"input": bucket.uri("missing.jsonl")})  # no such object: a failure too
-    with worker_process(
-        artifact, queue, bucket.uri("out/"), tmp_path, "--exit-when-idle", "3"
-    ) as w:
-        assert w.finish() == 0, w.log()
+    w = run_worker(artifact, queue, bucket.uri("out/"), caplog, capsys, "--exit-when-idle", "3")
+    assert w.code == 0, w.log()
     assert sorted(bucket.keys("out/")) == [f"out/inline/good-{i}.parquet" for i in range(3)]
     log = w.log()
     assert "message body: not valid JSON" in log
@@ -203,7 +209,12 @@ def test_poison_message_reaches_the_dead_letter_queue_while_others_flow(
 
 
 def test_duplicate_deliveries_give_one_output_and_count_as_done(
-    artifact: str, bucket: Bucket, queues: Queues, proxy: FaultProxy, tmp_path: Path
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     bucket.client.put_bucket_versioning(
         Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"}
@@ -213,11 +224,11 @@ def test_duplicate_deliveries_give_one_output_and_count_as_done(
     queue = queues.make()
     for _ in range(3):  # at once: the three race inside one worker
         queue.send({"input": bucket.uri("dup.jsonl")})
-    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
-        assert worker.finish() == 0, worker.log()
-        queue.send({"input": bucket.uri("dup.jsonl")})  # a late redelivery: only a HEAD
-    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as late:
-        assert late.finish() == 0, late.log()
+    worker = run_worker(artifact, queue, bucket.uri("out/"), caplog, capsys, *IDLE)
+    assert worker.code == 0, worker.log()
+    queue.send({"input": bucket.uri("dup.jsonl")})  # a late redelivery: only a HEAD
+    late = run_worker(artifact, queue, bucket.uri("out/"), caplog, capsys, *IDLE)
+    assert late.code == 0, late.log()
     assert bucket.versions("out/") == {"out/dup.parquet": 1}
     assert len(worker.messages("done")) + len(worker.messages("duplicate")) == 3
     assert len(late.messages("duplicate")) == 1
@@ -392,14 +403,18 @@ def test_replicas_that_keep_dying_stop_the_worker_and_release_its_messages(
 
 
 def test_a_prefix_with_an_unreadable_shard_fails_but_keeps_the_good_outputs(
-    artifact: str, bucket: Bucket, queues: Queues, tmp_path: Path
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     queue = queues.make(max_receive_count=1)
     assert queue.dlq is not None
     bucket.put_many({"in/good.jsonl": jsonl("g", 6, 12), "in/bad.jsonl.gz": b"not gzip at all"})
     queue.send({"input": bucket.uri("in/")})
-    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
-        assert worker.finish() == 0, worker.log()
+    worker = run_worker(artifact, queue, bucket.uri("out/"), caplog, capsys, *IDLE)
+    assert worker.code == 0, worker.log()
     assert "1 of 2 shards failed (1 written): bad.jsonl.gz: " in worker.log()
     assert "corrupt gzip" in worker.log()
     assert bucket.keys("out/") == ["out/good.parquet"]
@@ -407,15 +422,20 @@ def test_a_prefix_with_an_unreadable_shard_fails_but_keeps_the_good_outputs(
 
 
 def test_a_head_refused_403_without_list_permission_still_does_the_work(
-    artifact: str, bucket: Bucket, queues: Queues, proxy: FaultProxy, tmp_path: Path
+    artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Without s3:ListBucket on the output, S3 answers a missing key's HEAD with 403."""
     proxy.faults.append(Fault("HEAD", "/out/w.parquet", status=403, code="AccessDenied"))
     bucket.put("w.jsonl", jsonl("w", 4, 13))
     queue = queues.make()
     queue.send({"input": bucket.uri("w.jsonl")})
-    with worker_process(artifact, queue, bucket.uri("out/"), tmp_path, *IDLE) as worker:
-        assert worker.finish() == 0, worker.log()
+    worker = run_worker(artifact, queue, bucket.uri("out/"), caplog, capsys, *IDLE)
+    assert worker.code == 0, worker.log()
     assert proxy.seen("HEAD", "/out/w.parquet")
     assert table(bucket, "out/w.parquet").num_rows == 4
     assert queue.depth() == 0

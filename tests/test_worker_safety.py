@@ -11,30 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchjob.cli import main
-from tests.conftest import CompileFn
-from tests.s3_server import (  # noqa: F401  (fixtures)
+from tests.conftest import assert_usage_error
+from tests.s3_server import (
     Bucket,
     FaultProxy,
-    MotoServer,
-    bucket_fixture,
-    moto_server_fixture,
-    proxy_fixture,
-    s3_env_fixture,
 )
-from tests.sqs_queues import (  # noqa: F401  (fixtures)
+from tests.sqs_queues import (
     Queues,
-    queues_fixture,
     wait_until,
     worker_process,
 )
-from tests.test_cli import assert_usage_error
 
 OWNER = "123456789012"  # moto's account
-
-
-@pytest.fixture(name="artifact")
-def artifact_fixture(compiled: CompileFn, classifier_dir: Path) -> str:
-    return compiled(classifier_dir).path
 
 
 def s3_event(bucket: str, key: str) -> dict[str, object]:
