@@ -1,7 +1,9 @@
-"""Toy loaders for tests/test_replicas.py, importable by name in spawned replica processes."""
+"""Stand-ins for the model: `Toy` loaders for real replica processes (importable by name in
+spawned processes), and `StandInPool`, a pool answering in-process, for engine-level tests."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import time
@@ -52,3 +54,63 @@ def _predict(toy: Toy, arrays: dict[str, np.ndarray]) -> np.ndarray:
     time.sleep(60 if toy.slow_on is not None and (ids == toy.slow_on).any() else toy.delay)
     sums = ids.sum(axis=1, keepdims=True).astype(np.float32)
     return np.concatenate([sums, np.full_like(sums, os.getpid())], axis=1)
+
+
+class StandInPool:
+    """Logits [sum of the record's ids / 1e4, 0, 0]: a function of the record alone. A
+    packed row holds several records (segments); the graph answers one row per segment."""
+
+    size = 1
+
+    def __init__(
+        self,
+        hold: asyncio.Event | None = None,
+        fail: Exception | None = None,
+        defer: bool = False,
+    ) -> None:
+        self.hold, self.fail, self.defer = hold, fail, defer
+        self.batches: list[dict[str, np.ndarray]] = []
+        self.submitting = 0
+        self.running: list[tuple[asyncio.Future[np.ndarray], np.ndarray]] = []  # when deferred
+
+    async def submit(self, arrays: dict[str, np.ndarray]) -> asyncio.Future[np.ndarray]:
+        self.submitting += 1
+        if self.hold is not None:
+            await self.hold.wait()  # as a pool whose replicas are all busy
+        self.submitting -= 1
+        self.batches.append(arrays)
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        if self.fail is not None:
+            future.set_exception(self.fail)
+        else:
+            sums = self.record_sums(arrays) / 1e4
+            outputs = np.stack([sums, 0 * sums, 0 * sums], axis=1).astype(np.float32)
+            if self.defer:  # the batch runs until finish() is called
+                self.running.append((future, outputs))
+            else:
+                future.set_result(outputs)
+        return future
+
+    def finish(self) -> None:
+        for future, outputs in self.running:
+            future.set_result(outputs)
+        self.running.clear()
+
+    @staticmethod
+    def record_sums(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        ids = arrays["input_ids"]
+        if "segment_ids" not in arrays:
+            return ids.sum(axis=1)
+        segments, slots = arrays["segment_ids"], arrays["segment_index"].shape[1]
+        return np.array([[ids[r][segments[r] == j + 1].sum() for j in range(slots)]
+                         for r in range(len(ids))]).reshape(-1)  # fmt: skip
+
+    def valid_rows(self) -> list[int]:
+        """Records per batch (a padding row attends to one token only)."""
+        counts = []
+        for b in self.batches:
+            if "segment_ids" in b:
+                counts.append(sum(len(set(row[row > 0].tolist())) for row in b["segment_ids"]))
+            else:
+                counts.append(int((b["attention_mask"].sum(axis=1) > 1).sum()))
+        return counts

@@ -19,68 +19,9 @@ from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.records import Record
 from batchjob.tokens import RecordTokenizer
 from tests.conftest import CompileFn, make_texts
+from tests.replica_fakes import StandInPool
 
 SHAPES = (Shape(16, 4), Shape(32, 2))
-
-
-class StandInPool:
-    """Logits [sum of the record's ids / 1e4, 0, 0]: a function of the record alone. A
-    packed row holds several records (segments); the graph answers one row per segment."""
-
-    size = 1
-
-    def __init__(
-        self,
-        hold: asyncio.Event | None = None,
-        fail: Exception | None = None,
-        defer: bool = False,
-    ) -> None:
-        self.hold, self.fail, self.defer = hold, fail, defer
-        self.batches: list[dict[str, np.ndarray]] = []
-        self.submitting = 0
-        self.running: list[tuple[asyncio.Future[np.ndarray], np.ndarray]] = []  # when deferred
-
-    async def submit(self, arrays: dict[str, np.ndarray]) -> asyncio.Future[np.ndarray]:
-        self.submitting += 1
-        if self.hold is not None:
-            await self.hold.wait()  # as a pool whose replicas are all busy
-        self.submitting -= 1
-        self.batches.append(arrays)
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        if self.fail is not None:
-            future.set_exception(self.fail)
-        else:
-            sums = self.record_sums(arrays) / 1e4
-            outputs = np.stack([sums, 0 * sums, 0 * sums], axis=1).astype(np.float32)
-            if self.defer:  # the batch runs until finish() is called
-                self.running.append((future, outputs))
-            else:
-                future.set_result(outputs)
-        return future
-
-    def finish(self) -> None:
-        for future, outputs in self.running:
-            future.set_result(outputs)
-        self.running.clear()
-
-    @staticmethod
-    def record_sums(arrays: dict[str, np.ndarray]) -> np.ndarray:
-        ids = arrays["input_ids"]
-        if "segment_ids" not in arrays:
-            return ids.sum(axis=1)
-        segments, slots = arrays["segment_ids"], arrays["segment_index"].shape[1]
-        return np.array([[ids[r][segments[r] == j + 1].sum() for j in range(slots)]
-                         for r in range(len(ids))]).reshape(-1)  # fmt: skip
-
-    def valid_rows(self) -> list[int]:
-        """Records per batch (a padding row attends to one token only)."""
-        counts = []
-        for b in self.batches:
-            if "segment_ids" in b:
-                counts.append(sum(len(set(row[row > 0].tolist())) for row in b["segment_ids"]))
-            else:
-                counts.append(int((b["attention_mask"].sum(axis=1) > 1).sum()))
-        return counts
 
 
 def expected_scores(tokenizer: RecordTokenizer, record: Record) -> np.ndarray:
