@@ -279,16 +279,20 @@ class Engine:
                 items.append(Item((call, i), enc.ids, enc.type_ids))
         call.remaining = len(items)
         self.stats.records += len(items)
-        for start in range(0, len(items), ADD_SLICE):
-            part = items[start : start + ADD_SLICE]
-            now = time.monotonic()
-            for item in part:
-                self._waiting[cast(_Key, item.key)] = now
-            for batch in self.batcher.add(part):
-                await self._enqueue(batch)
-            self._changed.set()
-            await asyncio.sleep(0)  # let /ping and other requests in between slices
-        await call.done
+        try:
+            for start in range(0, len(items), ADD_SLICE):
+                part = items[start : start + ADD_SLICE]
+                now = time.monotonic()
+                for item in part:
+                    self._waiting[cast(_Key, item.key)] = now
+                for batch in self.batcher.add(part):
+                    await self._enqueue(batch)
+                self._changed.set()
+                await asyncio.sleep(0)  # let /ping and other requests in between slices
+            await call.done
+        except BaseException:
+            call.done.cancel()  # nobody waits for it any more: its late results are dropped
+            raise
         return cast(list[Result], call.results)
 
     async def _enqueue(self, batch: Batch) -> None:
