@@ -14,6 +14,7 @@ from typing import NoReturn
 from batchjob.config import compile_spec, parse_buckets, run_spec, worker_spec
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.job_files import load_job_file
+from batchjob.startup import mark
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from batchjob.runner import run
 
+            mark("imports done")
             return run(run_spec(fields))
         if args.command == "worker":
             from batchjob.worker import work

@@ -37,6 +37,7 @@ from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.records import Record
 from batchjob.replica_process import Placement, plan_placements
 from batchjob.replicas import ReplicaPool
+from batchjob.startup import mark
 from batchjob.tasks import task_columns, task_fields
 from batchjob.tokens import RecordTokenizer
 
@@ -139,7 +140,7 @@ async def start_engine(
     """The replicas, loaded (the tokenizer loads meanwhile, in a thread), and an engine
     over them; `stack` closes both (the engine first)."""
     tokenizer = asyncio.create_task(
-        asyncio.to_thread(RecordTokenizer, artifact.tokenizer_path, artifact.max_length)
+        asyncio.to_thread(_load_tokenizer, artifact.tokenizer_path, artifact.max_length)
     )
     pool = ReplicaPool(ArtifactLoader(artifact), placements, start_timeout=start_timeout)
     try:
@@ -156,6 +157,12 @@ async def start_engine(
     )
     await stack.enter_async_context(engine)
     return engine, pool
+
+
+def _load_tokenizer(path: str, max_length: int) -> RecordTokenizer:
+    tokenizer = RecordTokenizer(path, max_length)
+    mark("tokenizer loaded")
+    return tokenizer
 
 
 def engine_batcher(artifact: Artifact, pad_id: int, sort_window: int = 4096) -> Batcher:
@@ -267,6 +274,7 @@ class Engine:
     async def _infer(self, records: list[Record]) -> list[Result]:
         if not any(r.error is None for r in records):
             return [Result(None, error=r.error) for r in records]
+        mark("first records in", once=True)
         encoded = await asyncio.to_thread(self.tokenizer.encode, records)
         n = len(records)
         call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future())

@@ -23,6 +23,7 @@ import numpy as np
 
 from batchjob.errors import ReplicaError
 from batchjob.replica_process import Loader, Placement, replica_main
+from batchjob.startup import mark
 
 log = logging.getLogger("batchjob.replicas")
 
@@ -137,6 +138,7 @@ class ReplicaPool:
         try:
             for rep in self._reps:
                 self._spawn(rep)
+            mark(f"{self.size} replicas spawned")
             all_ready = lambda: self._start_error or all(r.ready for r in self._reps)  # noqa: E731
             in_time = await self._wait_for(all_ready, self._start_timeout)
             if self._start_error:
@@ -153,6 +155,7 @@ class ReplicaPool:
             self.state = PoolState.STOPPED
             raise
         self.state = PoolState.READY
+        mark("replica pool ready")
         log.info("replica pool ready: %d replicas", self.size)
 
     async def submit(self, arrays: dict[str, np.ndarray]) -> asyncio.Future[np.ndarray]:
@@ -218,6 +221,7 @@ class ReplicaPool:
             rep.in_flight[batch.id] = batch
             self.peak_in_flight = max(self.peak_in_flight, len(rep.in_flight))
             rep.sendq.put((batch.id, batch.arrays))
+            mark("first batch dispatched", once=True)
             if not batch.sent.done():
                 batch.sent.set_result(None)
 
@@ -263,6 +267,9 @@ class ReplicaPool:
             took, cpus = time.monotonic() - rep.started_at, ",".join(map(str, rep.placement.cpus))
             log.info("replica %d ready in %.1f s (pid %d, cpus %s, neuron cores %s)",
                      i, took, msg[1], cpus, rep.placement.neuron_cores)  # fmt: skip
+            for step, at in msg[2].items():
+                mark(f"replica {i}: {step}", at)
+            mark(f"replica {i} ready")
         elif kind == "failed":
             rep.failure = f"failed to start: {msg[1]}"
         elif (batch := rep.in_flight.pop(msg[1], None)) is not None:
@@ -270,6 +277,7 @@ class ReplicaPool:
             if batch.result.done():  # the caller cancelled it
                 pass
             elif kind == "ok":
+                mark("first batch done", once=True)
                 batch.result.set_result(msg[2])
             else:
                 batch.result.set_exception(ReplicaError(f"replica {i} failed a batch: {msg[2]}"))

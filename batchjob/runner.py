@@ -35,6 +35,7 @@ from batchjob.replica_process import Placement
 from batchjob.s3 import is_s3
 from batchjob.shards import ShardRef
 from batchjob.sinks import output_schema
+from batchjob.startup import mark
 from batchjob.storage import OpenShard, Storage
 
 log = logging.getLogger("batchjob.run")
@@ -102,6 +103,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         if spec.text_pair_field and any(s.format == "txt" for s in shards):
             raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
         artifact, placements = open_artifact(spec)
+        mark("artifact verified")
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         if report.skipped:
