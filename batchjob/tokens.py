@@ -1,19 +1,46 @@
 """Records → token ids with the artifact's fast tokenizer, truncated to the largest shape.
 
 The result is always that of `tokenizer(text, text_pair, truncation=True, max_length=...)`
-(longest_first, from the right). Short texts, nearly all records, are tokenized whole in one
-`encode_batch`. A long one is tokenized only as far as the truncation keeps
-(`batchjob.long_text`): tokenizing a 15 MB line whole took 2.8 GB and 28 s.
+(longest_first, from the right) with the tokenizer `AutoTokenizer.from_pretrained` loads.
+Short texts, nearly all records, are tokenized whole in one `encode_batch`. A long one is
+tokenized only as far as the truncation keeps (`batchjob.long_text`): tokenizing a 15 MB line
+whole took 2.8 GB and 28 s.
+
+The tokenizer itself comes from the `tokenizers` library alone, without importing
+transformers (a second of every start-up): an artifact's tokenizer/ is written by
+transformers' `save_pretrained`, so its tokenizer.json holds the Rust tokenizer exactly as
+transformers had built it, and for the families below transformers builds that same one
+again when it loads the directory (tests/test_tokens.py checks each: the same JSON, the same
+pad id). A directory of another tokenizer class is loaded by transformers, as before.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import dataclass
+from typing import Any
 
 from tokenizers import Encoding, Tokenizer
 
 from batchjob.long_text import MARGIN, TextTokens, Unsplittable, compare_lengths, head
 from batchjob.records import Record
+
+log = logging.getLogger("batchjob.tokens")
+
+# The `tokenizer_class` values save_pretrained writes for the families read without
+# transformers: BERT, DistilBERT and ELECTRA (all BertTokenizer), MPNet, RoBERTa, XLM-R, and
+# the generic class (ModernBERT's). tests/test_tokens.py checks each against AutoTokenizer.
+PLAIN_CLASSES = frozenset(
+    {
+        "BertTokenizer",
+        "MPNetTokenizer",
+        "RobertaTokenizer",
+        "XLMRobertaTokenizer",
+        "TokenizersBackend",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +63,8 @@ class RecordTokenizer:
     """The Rust tokenizer behind the HF one: it releases the GIL, so it runs in a thread."""
 
     def __init__(self, tokenizer_path: str, max_length: int) -> None:
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.pad_id: int = hf.pad_token_id if hf.pad_token_id is not None else 0
+        backend, self.pad_id = load_tokenizer(tokenizer_path)
         self.max_length = max_length
-        backend: Tokenizer = hf.backend_tokenizer
         self._tokenizer = backend
         # Same truncation as `tokenizer(text, truncation=True, max_length=...)` (longest_first).
         self._tokenizer.enable_truncation(max_length)
@@ -145,6 +168,45 @@ class RecordTokenizer:
         if len(e.ids) != n:
             raise RuntimeError(f"placeholder of {n} tokens came out with {len(e.ids)}")
         return e
+
+
+def load_tokenizer(path: str) -> tuple[Tokenizer, int]:
+    """The Rust tokenizer that `AutoTokenizer.from_pretrained(path)` has as its backend, and
+    its pad id (0 where it has no pad token)."""
+    loaded = _load_saved(path)
+    if loaded is not None:
+        return loaded
+    log.debug("%s: not a tokenizer directory read without transformers; loading it with it", path)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(path)
+    backend: Tokenizer = hf.backend_tokenizer
+    return backend, hf.pad_token_id if hf.pad_token_id is not None else 0
+
+
+def _load_saved(path: str) -> tuple[Tokenizer, int] | None:
+    """From tokenizer.json and tokenizer_config.json alone, for the classes in PLAIN_CLASSES
+    with a pad token in their vocabulary (else None: transformers must load it)."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            config: Any = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or str(config.get("tokenizer_class")) not in PLAIN_CLASSES:
+        return None
+    pad = config.get("pad_token")
+    if isinstance(pad, dict):  # an AddedToken, serialized
+        pad = pad.get("content")
+    file = os.path.join(path, "tokenizer.json")
+    if not isinstance(pad, str) or not os.path.isfile(file):
+        return None
+    tokenizer = Tokenizer.from_file(file)
+    pad_id = tokenizer.token_to_id(pad)
+    if pad_id is None:  # transformers would add it to the vocabulary
+        return None
+    # transformers sets this from the config (False unless told), whatever tokenizer.json says.
+    tokenizer.encode_special_tokens = bool(config.get("split_special_tokens", False))
+    return tokenizer, pad_id
 
 
 def longest_first(n1: int, n2: int, keep: int, order: int) -> tuple[int, int]:

@@ -9,7 +9,10 @@ size, and also shrunk (a 24-character margin), so that short texts cross many cu
 from __future__ import annotations
 
 import contextlib
+import json
 import random
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,9 @@ from hypothesis import strategies as st
 
 from batchjob import long_text
 from batchjob.records import Record
-from batchjob.tokens import RecordTokenizer, longest_first
+from batchjob.tokens import RecordTokenizer, load_tokenizer, longest_first
 from tests.conftest import WORDS, minilm_path
+from tests.tokenizer_families import FAMILIES, compiled_tokenizer, hub_directory
 
 # Around every kind of cut: word pieces, multi-byte characters and graphemes (combining
 # accents, ZWJ emoji, flags), characters that normalizers change or merge (ligatures, İ, full
@@ -392,3 +396,70 @@ def test_characters_that_normalize_to_nothing_join_the_words_around_them(between
     the one word "ab", however far apart they are."""
     text = "a" + between + "\x00\u200b" * 10_000 + "b " + "the end " * 10
     check(minilm_path(), 16, "real", text)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def artifact_tokenizer(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    bytelevel_dir: Path,
+    unigram_dir: Path,
+) -> Path:
+    """A family's tokenizer/ directory as `batchjob compile` writes it into an artifact."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    source = hub_directory(request.param, tmp / "hub", bytelevel_dir, unigram_dir)
+    return compiled_tokenizer(source, tmp / "tokenizer")
+
+
+def _backend_json(tokenizer: Any) -> dict[str, Any]:
+    """All of a Rust tokenizer but the truncation and padding (batchjob sets its own)."""
+    data: dict[str, Any] = json.loads(tokenizer.to_str())
+    del data["truncation"], data["padding"]
+    return data
+
+
+def _samples() -> list[tuple[str, str | None]]:
+    rng = random.Random(3)
+    texts = [" ".join(rng.choices(FRAGMENTS, k=rng.randint(1, 60))) for _ in range(60)]
+    return [(t, None) for t in texts] + list(zip(texts[:30], texts[30:], strict=True))
+
+
+def test_an_artifacts_tokenizer_loads_without_transformers_as_transformers_loads_it(
+    artifact_tokenizer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same Rust tokenizer (its whole JSON), the same pad id, the same ids for texts and
+    pairs as AutoTokenizer gives; and transformers is never imported to get them."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(artifact_tokenizer)
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "transformers", None)  # importing it now raises
+        tokenizer, pad_id = load_tokenizer(str(artifact_tokenizer))
+        ours = {n: RecordTokenizer(str(artifact_tokenizer), n) for n in (16, 128)}
+    assert _backend_json(tokenizer) == _backend_json(hf.backend_tokenizer)
+    assert pad_id == hf.pad_token_id
+    assert tokenizer.encode_special_tokens == hf.backend_tokenizer.encode_special_tokens
+    for text, pair in _samples():
+        for n, tokens in ours.items():
+            [got] = tokens.encode([Record("r", text, pair)])
+            want = hf(text, pair, truncation=True, max_length=n)
+            assert got is not None
+            assert got.ids == want["input_ids"], (text, pair, n)
+            if "token_type_ids" in want:
+                assert got.type_ids == want["token_type_ids"]
+
+
+def test_a_tokenizer_directory_of_another_kind_is_loaded_by_transformers(tmp_path: Path) -> None:
+    """No pad token in its config (transformers' class gives the default one): read as
+    transformers reads it."""
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(minilm_path() / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    tokenizer, pad_id = load_tokenizer(str(tmp_path))
+    assert (pad_id, hf.pad_token_id) == (0, 0)
+    assert _backend_json(tokenizer) == _backend_json(hf.backend_tokenizer)

@@ -1,0 +1,106 @@
+"""Tokenizers of the encoder families batchjob runs, as their hub repositories have them,
+built here (nothing downloaded) from the vocabularies at hand: all-MiniLM's WordPiece, and
+the byte-level BPE and Unigram that tests/test_tokens.py trains. Each directory holds a
+tokenizer.json, a tokenizer_config.json naming the class the hub names, and a config.json
+with the model type, as a model directory does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tests.conftest import minilm_path
+
+FAMILIES = ("bert", "distilbert", "electra", "mpnet", "roberta", "xlm-roberta", "modernbert")
+
+
+def _write(target: Path, tokenizer: object, model_type: str, config: dict[str, object]) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(target / "tokenizer.json"))  # type: ignore[attr-defined]
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    (target / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return target
+
+
+def _wordpiece_specials(target: Path, model_type: str, config: dict[str, object]) -> Path:
+    """MiniLM's BERT tokenizer under another family's name (DistilBERT, ELECTRA: the same)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
+    return _write(target, tokenizer, model_type, config)
+
+
+def _mpnet(target: Path) -> Path:
+    """all-mpnet-base-v2's shape: BERT's normalizer and WordPiece, RoBERTa's specials."""
+    from tokenizers import AddedToken, Tokenizer, processors
+
+    tokenizer = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>"])
+    tokenizer.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    s, e = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", e), ("<s>", s))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    config = {"tokenizer_class": "MPNetTokenizer", "do_lower_case": True, "unk_token": "[UNK]"}
+    return _write(target, tokenizer, "mpnet", config)
+
+
+def _modernbert(target: Path, bytelevel: Path) -> Path:
+    """ModernBERT's shape: a byte-level BPE with BERT's [CLS]/[SEP] template, the generic class."""
+    from tokenizers import AddedToken, Tokenizer, processors
+
+    tokenizer = Tokenizer.from_file(str(bytelevel / "tokenizer.json"))
+    tokenizer.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "[PAD]"])
+    tokenizer.add_special_tokens([AddedToken("[MASK]", lstrip=True, special=True)])
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    specials = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]"}
+    specials |= {"mask_token": "[MASK]", "unk_token": "[UNK]"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
+    return _write(target, tokenizer, "modernbert", config)
+
+
+def _renamed(target: Path, source: Path, model_type: str, tokenizer_class: str) -> Path:
+    """A saved tokenizer (test_tokens's byte-level BPE or Unigram) under a family's class."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = tokenizer_class
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    (target / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return target
+
+
+def hub_directory(family: str, target: Path, bytelevel: Path, unigram: Path) -> Path:
+    """`family`'s tokenizer in `target`, as its hub repository has it."""
+    if family == "bert":
+        return minilm_path()
+    if family == "distilbert":
+        config = {"do_lower_case": True, "model_max_length": 512}  # distilbert-base-uncased's
+        return _wordpiece_specials(target, "distilbert", config)
+    if family == "electra":
+        config = {"tokenizer_class": "ElectraTokenizer", "do_lower_case": True}
+        return _wordpiece_specials(target, "electra", config)
+    if family == "mpnet":
+        return _mpnet(target)
+    if family == "roberta":
+        return _renamed(target, bytelevel, "roberta", "RobertaTokenizer")
+    if family == "xlm-roberta":
+        return _renamed(target, unigram, "xlm-roberta", "XLMRobertaTokenizer")
+    if family == "modernbert":
+        return _modernbert(target, bytelevel)
+    raise ValueError(family)
+
+
+def compiled_tokenizer(source: Path, target: Path) -> Path:
+    """The tokenizer/ directory `batchjob compile` writes for a model at `source`: transformers
+    loads it (AutoTokenizer) and saves it (save_pretrained)."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
