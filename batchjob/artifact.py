@@ -226,12 +226,7 @@ class ArtifactLoader:
             # Packed graphs answer (B, K, ...): one output row per segment slot.
             return out.float().flatten(0, 1).numpy() if out.dim() > 2 else out.float().numpy()
 
-        # A frozen graph optimises itself on its first calls: pay that before reporting ready.
-        for shape in artifact.shapes:
-            dummy = {name: np.zeros((shape.batch_size, shape.seq_len), np.int64) for name in names}
-            dummy["attention_mask"] = np.ones((shape.batch_size, shape.seq_len), np.int64)
-            dummy["segment_ids"] = dummy["attention_mask"]
-            dummy["segment_index"] = np.zeros((shape.batch_size, artifact.max_segments), np.int64)
-            for _ in range(2):
-                predict(dummy)
+        # No warm-up: a frozen graph's first two calls (it profiles, then optimises itself) are
+        # ~0.1 s slower than later ones, and the first real batches pay that, where two dummy
+        # batches per shape cost two full batches' time before ready (2 s for bert-base).
         return predict
