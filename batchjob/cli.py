@@ -2,6 +2,9 @@
 
 Exit codes: 0 done; 1 the job ran but something failed (a shard, a replica); 2 a bad
 invocation, reported on one line of stderr with nothing written.
+
+`run`, `worker` and `serve` start the replicas' fork server as soon as their arguments parse
+(it imports torch meanwhile: replica_server.py), so this module imports little before that.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import logging
 import sys
 from typing import NoReturn
 
-from batchjob.config import compile_spec, parse_buckets, run_spec, worker_spec
 from batchjob.errors import BatchJobError, UsageError
-from batchjob.job_files import load_job_file
+from batchjob.replica_server import start_replica_server, stop_replica_server
 from batchjob.startup import mark
+
+DRIVERS = ("run", "worker", "serve")  # the commands that start replicas
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,6 +28,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _buckets(text: str) -> tuple[int, ...]:
+    from batchjob.config import parse_buckets
+
     try:
         return parse_buckets(text)
     except UsageError as e:  # argparse reports ArgumentTypeError on its one line
@@ -188,6 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command not in DRIVERS:
+        return _main(args)
+    start_replica_server()
+    mark("replica fork server started")
+    try:
+        return _main(args)
+    finally:
+        stop_replica_server()  # it may still be importing torch after a refusal
+
+
+def _main(args: argparse.Namespace) -> int:
+    from batchjob.config import compile_spec, run_spec, worker_spec
+    from batchjob.job_files import load_job_file
+
     fields = vars(args)
     try:
         if args.command == "compile":
@@ -206,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             from batchjob.worker import work
 
+            mark("imports done")
             return work(worker_spec(fields))
         if args.command == "serve":
             import os
@@ -213,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             from batchjob.serve_config import serve_spec
             from batchjob.serving import serve
 
+            mark("imports done")
             return serve(serve_spec(fields, os.environ))
     except UsageError as e:
         print(f"batchjob {args.command}: error: {e}", file=sys.stderr)

@@ -30,7 +30,8 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
-from batchjob.artifact import Artifact, ArtifactLoader
+from batchjob.artifact import Artifact, ArtifactLoader, is_artifact, load_artifact
+from batchjob.backends import backend_device
 from batchjob.batching import Batch, Batcher, Item, make_batcher
 from batchjob.config import CompileSpec
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
@@ -114,17 +115,21 @@ class EngineSpec(Protocol):
 
 def open_artifact(spec: EngineSpec) -> tuple[Artifact, list[Placement]]:
     """The artifact (verified, or compiled first into the cache), checked against `--task`,
-    and where its replicas run. Blocking (a compile takes a while). UsageError: nothing ran."""
-    from batchjob.backends import get_backend  # torch: imported when an engine is wanted
-    from batchjob.compile import ensure_artifact
+    and where its replicas run. Blocking (a compile takes a while). UsageError: nothing ran.
+    An artifact is opened without importing torch or transformers; a plain model compiles
+    with both."""
+    if is_artifact(spec.compile.model):
+        artifact = load_artifact(spec.compile.model)
+    else:
+        from batchjob.compile import ensure_artifact
 
-    artifact = ensure_artifact(spec.compile, spec.cache_dir)
+        artifact = ensure_artifact(spec.compile, spec.cache_dir)
     task = spec.compile.task
     if task is not None and artifact.task != task:
         raise UsageError(
             f"--task is {task} but the artifact {artifact.path} was compiled for {artifact.task}"
         )
-    device = get_backend(artifact.backend).device
+    device = backend_device(artifact.backend)
     return artifact, plan_placements(spec.replicas, spec.cores_per_replica, device)
 
 
@@ -136,15 +141,22 @@ async def start_engine(
     start_timeout: float,
     max_batch_delay: float,
     sort_window: int = 4096,
+    wait_for_replicas: bool = True,
 ) -> tuple[Engine, ReplicaPool]:
-    """The replicas, loaded (the tokenizer loads meanwhile, in a thread), and an engine
-    over them; `stack` closes both (the engine first)."""
+    """The replicas started, the tokenizer loaded meanwhile (in a thread), and an engine over
+    them; `stack` closes both (the engine first). Returns once a replica is ready (the others
+    join as they come up); with `wait_for_replicas=False`, once the tokenizer is: the engine
+    takes records while the replicas load, and the caller awaits `pool.start()` (a replica
+    that never comes up raises there, and the batches waiting for one fail)."""
+    pool = ReplicaPool(ArtifactLoader(artifact), placements, start_timeout=start_timeout)
+    stack.push_async_callback(pool.close)
+    pool.launch()  # in the background: loading a replica takes longer than anything here
     tokenizer = asyncio.create_task(
         asyncio.to_thread(_load_tokenizer, artifact.tokenizer_path, artifact.max_length)
     )
-    pool = ReplicaPool(ArtifactLoader(artifact), placements, start_timeout=start_timeout)
     try:
-        await stack.enter_async_context(pool)
+        if wait_for_replicas:
+            await pool.start()
     finally:
         if not tokenizer.done():
             await asyncio.wait([tokenizer])

@@ -1,8 +1,9 @@
 """One replica process: its main loop.
 
-The process is spawned by the pool in `replicas.py`; it applies its placement (planned in
-`cores.py`), loads the model once through a picklable loader, reports ready, then answers
-batches until told to stop.
+The process is started by the pool in `replicas.py` (forked from its fork server, torch
+already imported there); it takes the parent's environment, applies its placement (planned
+in `cores.py`), loads the model once through a picklable loader, reports ready with the
+times of its steps (for the start-up log), then answers batches until told to stop.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -33,11 +35,18 @@ class Loader(Protocol):  # picklable (a module-level frozen dataclass); runs in 
     def __call__(self) -> Predict: ...
 
 
-def replica_main(placement: Placement, loader: Loader, conn: Connection) -> None:
-    """A replica process: apply the placement, load once, answer batches until told to stop."""
+def replica_main(
+    placement: Placement, loader: Loader, conn: Connection, environ: dict[str, str] | None = None
+) -> None:
+    """A replica process: apply the placement, load once, answer batches until told to stop.
+    `environ`: the parent's environment when it started this replica (a fork server's own is
+    that of the process's start), in force before anything loads."""
     # Ctrl-C reaches the whole process group; the parent decides how replicas stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    steps = {"process started": process_started(), "replica began": time.monotonic()}
+    steps = _steps_so_far()
+    if environ is not None and environ != os.environ:
+        os.environ.clear()
+        os.environ.update(environ)
     try:
         if placement.neuron_cores is not None:  # the Neuron runtime reads it when the model loads
             os.environ["NEURON_RT_VISIBLE_CORES"] = placement.neuron_cores
@@ -48,7 +57,7 @@ def replica_main(placement: Placement, loader: Loader, conn: Connection) -> None
             torch.set_num_threads(len(placement.cpus))
             with contextlib.suppress(RuntimeError):  # settable only before inter-op work starts
                 torch.set_num_interop_threads(1)
-            steps["torch imported"] = time.monotonic()
+            steps.setdefault("torch imported", time.monotonic())  # unless the fork server did
         predict = loader()
         steps["model loaded"] = time.monotonic()
     except Exception as e:
@@ -63,3 +72,16 @@ def replica_main(placement: Placement, loader: Loader, conn: Connection) -> None
                 conn.send(("ok", batch_id, predict(arrays)))
             except Exception as e:
                 conn.send(("error", batch_id, f"{type(e).__name__}: {e}"))
+
+
+def _steps_so_far() -> dict[str, float]:
+    """When this replica's start-up steps happened (monotonic): forked from the fork server,
+    the server's own steps; spawned, this process's start."""
+    preload = sys.modules.get("batchjob.replica_preload")
+    if preload is not None:
+        steps = {"fork server started": preload.STARTED, "torch imported": preload.TORCH_IMPORTED}
+        steps["fork server ready"] = preload.IMPORTED
+    else:
+        steps = {"process started": process_started()}
+    steps["replica began"] = time.monotonic()
+    return steps

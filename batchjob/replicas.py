@@ -1,4 +1,10 @@
-"""The replica pool: one spawned process per core, round-robin dispatch, restart on death."""
+"""The replica pool: one process per core, round-robin dispatch, restart on death.
+
+Replicas are forked from the fork server of `replica_server.py`, torch imported there once;
+the drivers start it with the process, and a pool starts it itself otherwise. The pool takes
+batches as soon as one replica is ready; the others join as they come up, and one that fails
+to come up fails the pool as it would have failed the start.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import enum
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import time
@@ -23,6 +30,7 @@ import numpy as np
 
 from batchjob.errors import ReplicaError
 from batchjob.replica_process import Loader, Placement, replica_main
+from batchjob.replica_server import CONTEXT, start_replica_server
 from batchjob.startup import mark
 
 log = logging.getLogger("batchjob.replicas")
@@ -60,6 +68,7 @@ class _Replica:
     sendq: _SendQ = field(default_factory=queue.SimpleQueue)
     reader: Thread | None = None
     ready: bool = False
+    came_up: bool = False  # ready once at least: a failure to start after that is a death
     started_at: float = 0.0
     failure: str | None = None  # why it exited, when known ("failed to start: ...")
     in_flight: dict[int, _Batch] = field(default_factory=dict)
@@ -69,6 +78,13 @@ class _Replica:
 def _describe_exit(code: int | None) -> str:
     signalled = f"signal {signal.Signals(-code).name}, " if code and code < 0 else ""
     return f"{signalled}exit {code}"
+
+
+def _kill_started(starting: asyncio.Future[list[tuple[BaseProcess, Connection]]]) -> None:
+    """The replicas a cancelled launch went on starting: nobody will use them."""
+    if not starting.cancelled() and starting.exception() is None:
+        for proc, _ in starting.result():
+            proc.kill()
 
 
 def _write_loop(conn: Connection, sendq: _SendQ) -> None:
@@ -101,12 +117,15 @@ class ReplicaPool:
         self._loader, self._in_flight = loader, in_flight
         self._start_timeout, self._max_deaths = start_timeout, max_consecutive_deaths
         self._reps = [_Replica(p) for p in placements]
-        self._ctx = multiprocessing.get_context("spawn")  # fork would copy threads and torch state
+        self._ctx = multiprocessing.get_context(CONTEXT)  # fork would copy our threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: collections.deque[_Batch] = collections.deque()  # re-sent ones go first
         self._ids = itertools.count()
         self._last = -1  # the replica used last, for round-robin
         self._stopping = False
+        self._waited = False  # start() was called
+        self._launching: asyncio.Task[None] | None = None
+        self._launched_at = 0.0
         self._start_error: str | None = None
         self._failed: str | None = None
         self._changed, self._stopped = asyncio.Event(), asyncio.Event()
@@ -117,6 +136,11 @@ class ReplicaPool:
     @property
     def size(self) -> int:
         return len(self._reps)
+
+    @property
+    def ready_replicas(self) -> int:
+        """Replicas loaded and taking batches now."""
+        return sum(r.ready for r in self._reps)
 
     @property
     def failed(self) -> str | None:
@@ -130,40 +154,68 @@ class ReplicaPool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def start(self) -> None:
-        """Spawn every replica and wait until each has loaded the model."""
-        if self._loop is not None:
-            raise RuntimeError("ReplicaPool.start() called twice")
+    def launch(self) -> None:
+        """Start every replica, in the background: `start` waits for the first to be ready.
+        Batches submitted from now on wait for it."""
+        if self._launching is not None:
+            return
         self._loop = asyncio.get_running_loop()
+        self._launched_at = time.monotonic()
+        self._launching = self._loop.create_task(self._launch(), name="batchjob-replicas-launch")
+
+    async def _launch(self) -> None:
+        # The first fork waits for the fork server to have imported torch: not on the loop.
+        starting = asyncio.ensure_future(asyncio.to_thread(self._start_processes))
         try:
-            for rep in self._reps:
-                self._spawn(rep)
-            mark(f"{self.size} replicas spawned")
-            all_ready = lambda: self._start_error or all(r.ready for r in self._reps)  # noqa: E731
-            in_time = await self._wait_for(all_ready, self._start_timeout)
+            started = await asyncio.shield(starting)
+        except BaseException as e:
+            self._start_error = f"could not start the replicas: {e!r}"
+            self._changed.set()
+            starting.add_done_callback(_kill_started)  # if it is still starting them
+            raise
+        for rep, (proc, conn) in zip(self._reps, started, strict=True):
+            self._attach(rep, proc, conn)
+        mark(f"{self.size} replicas started")
+
+    async def start(self) -> None:
+        """Start the replicas (unless `launch` did) and wait until one has loaded the model:
+        from then on the pool takes batches, and the others join as they come up."""
+        if self._waited:
+            raise RuntimeError("ReplicaPool.start() called twice")
+        self._waited = True
+        self.launch()
+        assert self._launching is not None
+        try:
+            await asyncio.shield(self._launching)
+            one_ready = lambda: self._start_error or any(r.ready for r in self._reps)  # noqa: E731
+            left = self._start_timeout - (time.monotonic() - self._launched_at)
+            in_time = await self._wait_for(one_ready, left)
             if self._start_error:
                 raise ReplicaError(self._start_error)
             if not in_time:
-                late = next(r.placement.index for r in self._reps if not r.ready)
-                raise ReplicaError(
-                    f"replica {late} not ready after {self._start_timeout:g} s: loading the model "
-                    "took too long; raise --replica-start-timeout, lower --replicas, or check "
-                    "that the machine has enough memory"
-                )
-        except BaseException:
+                late = next(r for r in self._reps if not r.ready)
+                raise ReplicaError(self._start_failure(late, None))
+        except BaseException as e:
+            why = str(e) if isinstance(e, ReplicaError) else "the replica pool stopped starting"
+            self._fail_all(why)
+            self._failed = why
             await self._stop_replicas(graceful=False)
             self.state = PoolState.STOPPED
             raise
         self.state = PoolState.READY
         mark("replica pool ready")
-        log.info("replica pool ready: %d replicas", self.size)
+        ready = self.ready_replicas
+        log.info("replica pool ready: %d of %d replicas%s", ready, self.size,
+                 "" if ready == self.size else ", the others join as they come up")  # fmt: skip
 
     async def submit(self, arrays: dict[str, np.ndarray]) -> asyncio.Future[np.ndarray]:
-        """Hand a batch to a replica once one has a free slot; the future gets its output."""
+        """Hand a batch to a replica once one has a free slot (while the pool starts, once
+        the first is ready); the future gets its output."""
         if self._failed is not None:
             raise ReplicaError(self._failed)
-        if self.state is not PoolState.READY or self._loop is None:
-            raise ReplicaError(f"replica pool is {self.state.value}: it takes no batches")
+        if self.state not in (PoolState.STARTING, PoolState.READY) or self._loop is None:
+            state = "not started" if self._loop is None else self.state.value
+            raise ReplicaError(f"replica pool is {state}: it takes no batches")
         new = self._loop.create_future
         batch = _Batch(next(self._ids), arrays, new(), new())
         self._waiting.append(batch)
@@ -186,6 +238,9 @@ class ReplicaPool:
             await self._stopped.wait()
         if self.state in (PoolState.DRAINING, PoolState.STOPPED):
             return
+        if self.state is PoolState.STARTING:  # no replica ready: nothing to drain
+            self._start_error = self._failed = "the replica pool was closed while starting"
+            self._fail_all(self._failed)
         self.state = PoolState.DRAINING
         try:
             idle = lambda: not self._waiting and not any(r.in_flight for r in self._reps)  # noqa: E731
@@ -225,15 +280,40 @@ class ReplicaPool:
             if not batch.sent.done():
                 batch.sent.set_result(None)
 
-    def _spawn(self, rep: _Replica) -> None:
-        assert self._loop is not None
+    def _start_processes(self) -> list[tuple[BaseProcess, Connection]]:
+        """Every replica's process (in a thread: see `launch`); none left running if one
+        can't be started."""
+        start_replica_server()  # a no-op when the driver started it already
+        started: list[tuple[BaseProcess, Connection]] = []
+        try:
+            for rep in self._reps:
+                started.append(self._start_process(rep))
+        except BaseException:
+            for proc, _ in started:
+                proc.kill()
+            raise
+        return started
+
+    def _start_process(self, rep: _Replica) -> tuple[BaseProcess, Connection]:
         name = f"batchjob-replica-{rep.placement.index}"
         conn, child_conn = self._ctx.Pipe(duplex=True)
-        args = (rep.placement, self._loader, child_conn)
+        args = (rep.placement, self._loader, child_conn, dict(os.environ))
         # daemon: terminated at interpreter exit, should a pool never be closed.
         proc = self._ctx.Process(target=replica_main, args=args, name=name, daemon=True)
-        proc.start()
-        child_conn.close()  # else our recv would not see EOF when the replica dies
+        try:
+            proc.start()
+        finally:
+            child_conn.close()  # else our recv would not see EOF when the replica dies
+        return proc, conn
+
+    def _spawn(self, rep: _Replica) -> None:
+        """Start `rep` again (after a death): the fork server is up, so this is quick."""
+        self._attach(rep, *self._start_process(rep))
+
+    def _attach(self, rep: _Replica, proc: BaseProcess, conn: Connection) -> None:
+        """Watch a replica's new process: its messages, its exit, its start timeout."""
+        assert self._loop is not None
+        name = f"batchjob-replica-{rep.placement.index}"
         rep.generation += 1
         rep.process, rep.sendq, rep.ready, rep.failure = proc, queue.SimpleQueue(), False, None
         rep.started_at = time.monotonic()
@@ -243,15 +323,35 @@ class ReplicaPool:
         writer.daemon = rep.reader.daemon = True
         writer.start()
         rep.reader.start()
-        # start() has its own timeout; a restarted replica that hangs while loading is killed.
-        if self.state is not PoolState.STARTING:
-            self._loop.call_later(self._start_timeout, self._overdue, rep, proc)
+        self._loop.call_later(self._start_timeout, self._overdue, rep, proc)
 
     def _overdue(self, rep: _Replica, proc: BaseProcess) -> None:
-        if rep.process is proc and not rep.ready:
+        """A replica that hangs while loading is killed (start() has its own timeout for the
+        first one to come up)."""
+        if rep.process is proc and not rep.ready and self.state is not PoolState.STARTING:
             rep.failure = f"not ready after {self._start_timeout:g} s"
             log.warning("replica %d %s; killing it", rep.placement.index, rep.failure)
             proc.kill()
+
+    def _start_failure(self, rep: _Replica, how: str | None) -> str:
+        """What to tell of a replica that never came up: `how` it exited, or None if it is
+        still loading at the start timeout."""
+        i = rep.placement.index
+        if how is None or (rep.failure or "").startswith("not ready"):
+            return (
+                f"replica {i} not ready after {self._start_timeout:g} s: loading the model took "
+                "too long; raise --replica-start-timeout, lower --replicas, or check that the "
+                "machine has enough memory"
+            )
+        if rep.failure:
+            return (
+                f"replica {i} {rep.failure}; its traceback is in the log above: check that the "
+                "model loads on this machine, or lower --replicas if memory is short"
+            )
+        return (
+            f"replica {i} exited while starting ({how}); any error it printed is in the log "
+            "above; killed by a signal, it may lack memory: check dmesg, or lower --replicas"
+        )
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
@@ -263,13 +363,15 @@ class ReplicaPool:
             return
         kind, i = msg[0], rep.placement.index
         if kind == "ready":
-            rep.ready = True
+            rep.ready = rep.came_up = True
             took, cpus = time.monotonic() - rep.started_at, ",".join(map(str, rep.placement.cpus))
             log.info("replica %d ready in %.1f s (pid %d, cpus %s, neuron cores %s)",
                      i, took, msg[1], cpus, rep.placement.neuron_cores)  # fmt: skip
             for step, at in msg[2].items():
                 mark(f"replica {i}: {step}", at)
             mark(f"replica {i} ready")
+            if self.state is PoolState.READY and all(r.ready for r in self._reps):
+                log.info("all %d replicas ready", self.size)
         elif kind == "failed":
             rep.failure = f"failed to start: {msg[1]}"
         elif (batch := rep.in_flight.pop(msg[1], None)) is not None:
@@ -290,15 +392,11 @@ class ReplicaPool:
         rep.process, rep.ready, i, how = None, False, rep.placement.index, _describe_exit(code)
         self._changed.set()
         if self.state is PoolState.STARTING:
-            self._start_error = self._start_error or (
-                f"replica {i} {rep.failure}; its traceback is in the log above: check that the "
-                "model loads on this machine, or lower --replicas if memory is short"
-                if rep.failure
-                else f"replica {i} exited while starting ({how}); any error it printed is in "
-                "the log above; killed by a signal, it may lack memory: check dmesg, or lower "
-                "--replicas"
-            )
+            self._start_error = self._start_error or self._start_failure(rep, how)
         if self._stopping or self._failed is not None or self.state is PoolState.STARTING:
+            return
+        if not rep.came_up:  # it fails as it would have failed the start, only later
+            self._fail_all(self._start_failure(rep, how), f"replica {i} could not start ({how})")
             return
         lost = list(rep.in_flight.values())
         rep.deaths += 1
@@ -345,10 +443,14 @@ class ReplicaPool:
     async def _stop_replicas(self, *, graceful: bool) -> None:
         """Ask every replica to stop (or kill it), give it a grace period, then kill it."""
         self._stopping = True
+        if self._launching is not None:  # the replicas it is starting are stopped here too
+            await asyncio.wait([self._launching])
+            if not self._launching.cancelled():
+                self._launching.exception()  # start() raises it, if anyone
         for rep in self._reps:
-            if graceful:
+            if graceful and rep.ready:
                 rep.sendq.put(None)  # nothing is in flight: it stops right away
-            elif rep.process is not None:
+            elif rep.process is not None:  # (one still loading would finish loading first)
                 rep.process.kill()
         exited = lambda: all(r.process is None for r in self._reps)  # noqa: E731
         if not await self._wait_for(exited, _EXIT_GRACE):

@@ -156,11 +156,24 @@ async def _run(
                 start_timeout=spec.replica_start_timeout,
                 max_batch_delay=MAX_BATCH_DELAY,
                 sort_window=spec.sort_window,
+                wait_for_replicas=False,
             )
-            ready = time.monotonic()
+            # Shards are read and tokenized while the replicas load: the first batches are
+            # waiting when the first replica is ready. A replica that never comes up fails
+            # the run, as it always has.
             job = _Job(spec, engine, storage, report, progress)
+            work = asyncio.create_task(job.shards(shards))
             try:
-                await job.shards(shards)
+                await pool.start()
+            except BaseException:
+                work.cancel()
+                await asyncio.wait([work])
+                if not work.cancelled():
+                    work.exception()  # retrieved: what failed first is being raised
+                raise
+            ready = time.monotonic()
+            try:
+                await work
             finally:
                 report.pipeline_seconds = time.monotonic() - ready
                 report.engine, report.replica_restarts = engine.stats, pool.restarts

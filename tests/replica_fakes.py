@@ -27,11 +27,21 @@ class Toy:
     die_on: int | None = None  # os._exit(3) on a batch holding this value
     raise_on: int | None = None  # raise ValueError on a batch holding this value
     slow_on: int | None = None  # sleep 60 s on a batch holding this value
+    # The replica placed on these neuron cores loads late: once the file `gate` exists (then
+    # fails to, with `late_error`).
+    late: str | None = None
+    gate: str = ""
+    late_error: str | None = None
 
     def __call__(self) -> Predict:
         time.sleep(self.load_delay)
         if self.load_error is not None:
             raise RuntimeError(self.load_error)
+        if self.late is not None and os.environ.get("NEURON_RT_VISIBLE_CORES") == self.late:
+            while not os.path.exists(self.gate):
+                time.sleep(0.01)
+            if self.late_error is not None:
+                raise RuntimeError(self.late_error)
         return functools.partial(_predict, self)
 
 
@@ -44,6 +54,7 @@ def _predict(toy: Toy, arrays: dict[str, np.ndarray]) -> np.ndarray:
             "cpus": sorted(os.sched_getaffinity(0)),
             "threads": torch.get_num_threads(),
             "neuron_cores": os.environ.get("NEURON_RT_VISIBLE_CORES"),
+            "probe_env": os.environ.get("BATCHJOB_PROBE"),
         }
         return np.array([info], dtype=object)
     ids = arrays["input_ids"]

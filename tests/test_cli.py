@@ -324,3 +324,25 @@ def test_plain_model_is_compiled_once_into_the_cache(
     assert any("using the cached compile" in m for m in messages), messages
     assert list((ctx.cache / "artifacts").iterdir()) == artifacts
     assert pq.read_table(again / "a.parquet").to_pylist() == first
+
+
+def test_run_of_an_artifact_imports_neither_torch_nor_transformers(ctx: Ctx) -> None:
+    """Its own process needs the tokenizers library only (each costs a second of start-up):
+    torch is imported by the replicas' fork server, transformers nowhere."""
+    program = (
+        "import sys\n"
+        "from batchjob.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(code, sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", program, *ctx.run()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.stdout.splitlines()[-1] == "0 []", proc.stderr
+    assert len(pq.read_table(ctx.output / "a.parquet")) == 1

@@ -274,3 +274,12 @@ def test_close_after_its_timeout_fails_calls_instead_of_leaving_them_waiting(
 def test_config_errors_name_the_value(artifact: Artifact, tokenizer: RecordTokenizer) -> None:
     with pytest.raises(UsageError, match="max_batch_delay must be ≥ 0 seconds, got -1"):
         Engine(artifact, StandInPool(), max_batch_delay=-1, tokenizer=tokenizer)
+
+
+def test_backend_devices_are_known_without_importing_the_backends() -> None:
+    from batchjob.backends import DEVICES, backend_device, get_backend
+
+    for name in DEVICES:
+        assert backend_device(name) == get_backend(name).device
+    with pytest.raises(UsageError, match="--backend must be one of cpu, neuron, neuronx, got 'gpu"):
+        backend_device("gpu")

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 
 from batchjob.errors import ReplicaError
 from batchjob.replica_process import Placement
+from batchjob.replica_server import start_replica_server
 from batchjob.replicas import PoolState, ReplicaPool
 from tests.replica_fakes import Toy
 
@@ -227,6 +229,169 @@ def test_close_drains_in_flight_then_stops_by_the_deadline() -> None:
         await pool.close()  # idempotent
         with pytest.raises(ReplicaError, match="stopped"):
             await pool.submit(batch(2))
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+    assert leftovers(before) == []
+
+
+def late_pool(tmp_path: Path, **toy: Any) -> tuple[ReplicaPool, Path]:
+    """Two replicas: replica 1 (neuron core "1") loads once the returned file exists."""
+    gate = tmp_path / "gate"
+    placements = [Placement(0, (CPUS[0],)), Placement(1, (CPUS[-1],), neuron_cores="1")]
+    return ReplicaPool(Toy(late="1", gate=str(gate), **toy), placements), gate
+
+
+def test_batches_go_to_the_first_replica_ready_and_the_others_join(tmp_path: Path) -> None:
+    before = snapshot()
+    pool, gate = late_pool(tmp_path)
+
+    async def main() -> tuple[set[int], set[int]]:
+        errors = record_loop_errors()
+        async with pool:
+            assert pool.state is PoolState.READY
+            assert pool.ready_replicas == 1  # replica 1 waits for the gate
+            early = {check(await pool.run(batch(i)), i) for i in range(6)}
+            gate.touch()
+            for _ in range(3000):  # polled: the pool has no event for it (30 s at most)
+                if pool.ready_replicas == 2:
+                    break
+                await asyncio.sleep(0.01)
+            outs = await asyncio.gather(*(pool.run(batch(i)) for i in range(40)))
+            later = {check(out, i) for i, out in enumerate(outs)}
+        assert errors == []
+        return early, later
+
+    early, later = asyncio.run(asyncio.wait_for(main(), 45))
+    assert len(early) == 1  # replica 0 alone
+    assert len(later) == 2  # round-robin over both once replica 1 is up
+    assert early < later
+    assert pool.restarts == 0
+    assert leftovers(before) == []
+
+
+def test_a_replica_that_fails_to_start_later_fails_the_pool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As it would have failed the start, had it failed first: with what to do about it."""
+    before = snapshot()
+    pool, gate = late_pool(tmp_path, late_error="out of memory loading the graph", slow_on=3)
+    message = (
+        r"replica 1 failed to start: RuntimeError: out of memory loading the graph; its "
+        r"traceback is in the log above: .*lower --replicas"
+    )
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        async with pool:
+            running = await pool.submit(batch(3))  # replica 0 has it, for a minute
+            gate.touch()
+            with pytest.raises(ReplicaError, match=message):
+                await running
+            assert pool.failed is not None
+            with pytest.raises(ReplicaError, match=message):
+                await pool.submit(batch(4))
+        assert errors == []
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+    assert pool.restarts == 0
+    assert pool.state is PoolState.STOPPED
+    assert any("replica 1 could not start (exit 1); giving up" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert leftovers(before) == []
+
+
+def test_close_stops_a_replica_still_loading_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = snapshot()
+    caplog.set_level(logging.INFO, logger="batchjob.replicas")
+    pool, _ = late_pool(tmp_path)  # the gate never opens
+
+    async def main() -> None:
+        async with pool:
+            check(await pool.run(batch(2)), 2)
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+    assert pool.state is PoolState.STOPPED
+    assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
+    assert leftovers(before) == []
+
+
+def test_replicas_fork_from_the_server_and_see_the_environment_of_their_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch is imported once, in the fork server; a replica still sees the environment the
+    pool had when it started it, not the server's (set here after the server started)."""
+    start_replica_server()
+    monkeypatch.setenv("BATCHJOB_PROBE", "set after the server started")
+    caplog.set_level(logging.DEBUG, logger="batchjob.startup")
+
+    async def main() -> dict[str, Any]:
+        async with ReplicaPool(Toy(), one_replica()) as pool:
+            info: dict[str, Any] = (await pool.run({"probe": np.zeros(1)}))[0]
+            return info
+
+    info = asyncio.run(asyncio.wait_for(main(), 45))
+    assert info["probe_env"] == "set after the server started"
+    steps = [r.getMessage() for r in caplog.records if "replica 0: " in r.getMessage()]
+    assert any("replica 0: torch imported" in s for s in steps), steps
+    assert any("replica 0: fork server ready" in s for s in steps), steps
+
+
+def test_batches_submitted_while_the_replicas_load_wait_for_the_first_ready() -> None:
+    before = snapshot()
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        pool = ReplicaPool(Toy(load_delay=0.2), one_replica())
+        pool.launch()
+        early = asyncio.ensure_future(pool.run(batch(5)))
+        await asyncio.sleep(0)
+        assert not early.done()
+        await pool.start()
+        check(await early, 5)
+        await pool.close()
+        assert errors == []
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+    assert leftovers(before) == []
+
+
+def test_batches_waiting_for_replicas_that_never_come_up_fail_with_the_reason() -> None:
+    before = snapshot()
+    message = r"replica 0 failed to start: RuntimeError: no graph for bucket 128; "
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        pool = ReplicaPool(Toy(load_error="no graph for bucket 128"), one_replica())
+        pool.launch()
+        early = asyncio.ensure_future(pool.run(batch(5)))
+        with pytest.raises(ReplicaError, match=message):
+            await pool.start()
+        with pytest.raises(ReplicaError, match=message):
+            await early
+        with pytest.raises(ReplicaError, match=message):
+            await pool.submit(batch(6))
+        await pool.close()
+        assert pool.state is PoolState.STOPPED
+        assert errors == []
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+    assert leftovers(before) == []
+
+
+def test_a_pool_closed_while_it_starts_stops_its_replicas() -> None:
+    before = snapshot()
+
+    async def main() -> None:
+        pool = ReplicaPool(Toy(load_delay=60), one_replica())
+        pool.launch()
+        early = asyncio.ensure_future(pool.run(batch(5)))
+        await asyncio.sleep(0)
+        await pool.close()
+        with pytest.raises(ReplicaError, match="closed while starting"):
+            await early
+        assert pool.state is PoolState.STOPPED
 
     asyncio.run(asyncio.wait_for(main(), 45))
     assert leftovers(before) == []

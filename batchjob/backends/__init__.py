@@ -1,18 +1,23 @@
 """Compile and load backends, one interface: trace a module to fixed shapes, save, load.
 
 `cpu` runs here; `neuron` (torch-neuron, Inf1) and `neuronx` (torch-neuronx, Inf2/Trn1)
-import their SDK lazily, so this package imports on any machine.
+import their SDK lazily, so this package imports on any machine. The package itself does not
+import torch (a second of start-up): `backend_device` answers where replicas run without it.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from batchjob.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+# Each backend's `device`, known without importing the backend (tests check they agree).
+DEVICES = {"cpu": "cpu", "neuron": "neuron", "neuronx": "neuron"}
 
 
 class Backend(Protocol):
@@ -34,9 +39,20 @@ def get_backend(name: str) -> Backend:
     try:
         module = importlib.import_module(f"batchjob.backends.{name}")
     except ModuleNotFoundError:
-        raise UsageError(f"--backend must be one of cpu, neuron, neuronx, got {name!r}") from None
+        raise _unknown(name) from None
     backend: Backend = module.BACKEND
     return backend
+
+
+def backend_device(name: str) -> str:
+    """ "cpu" or "neuron": how the backend's replicas are placed."""
+    if name not in DEVICES:
+        raise _unknown(name)
+    return DEVICES[name]
+
+
+def _unknown(name: str) -> UsageError:
+    return UsageError(f"--backend must be one of cpu, neuron, neuronx, got {name!r}")
 
 
 def import_sdk(module: str, backend: str) -> object:
