@@ -196,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command not in DRIVERS:
         return _main(args)
-    start_replica_server()
-    mark("replica fork server started")
+    try:
+        start_replica_server()
+        mark("replica fork server started")
+    except OSError:  # (no writable temp dir for its socket) the pool will say so, on one line
+        logging.getLogger("batchjob").debug("fork server not started early", exc_info=True)
     try:
         return _main(args)
     finally:

@@ -145,9 +145,9 @@ async def start_engine(
 ) -> tuple[Engine, ReplicaPool]:
     """The replicas started, the tokenizer loaded meanwhile (in a thread), and an engine over
     them; `stack` closes both (the engine first). Returns once a replica is ready (the others
-    join as they come up); with `wait_for_replicas=False`, once the tokenizer is: the engine
-    takes records while the replicas load, and the caller awaits `pool.start()` (a replica
-    that never comes up raises there, and the batches waiting for one fail)."""
+    join as they come up); with `wait_for_replicas=False`, once the replicas' processes run:
+    the engine takes records while they load the model, and the caller awaits `pool.start()`
+    (a replica that never comes up raises there, and the batches waiting for one fail)."""
     pool = ReplicaPool(ArtifactLoader(artifact), placements, start_timeout=start_timeout)
     stack.push_async_callback(pool.close)
     pool.launch()  # in the background: loading a replica takes longer than anything here
@@ -157,6 +157,10 @@ async def start_engine(
     try:
         if wait_for_replicas:
             await pool.start()
+        else:
+            # Not before: reading and tokenizing would slow the fork server's torch import,
+            # the longest step, on a machine of few cores.
+            await pool.launched()
     finally:
         if not tokenizer.done():
             await asyncio.wait([tokenizer])

@@ -177,16 +177,24 @@ class ReplicaPool:
             self._attach(rep, proc, conn)
         mark(f"{self.size} replicas started")
 
+    async def launched(self) -> None:
+        """Wait until every replica's process runs (forked from a fork server that has
+        imported torch): what remains is loading the model. ReplicaError if one can't run."""
+        self.launch()
+        assert self._launching is not None
+        try:
+            await asyncio.shield(self._launching)
+        except Exception:
+            raise ReplicaError(self._start_error or "could not start the replicas") from None
+
     async def start(self) -> None:
         """Start the replicas (unless `launch` did) and wait until one has loaded the model:
         from then on the pool takes batches, and the others join as they come up."""
         if self._waited:
             raise RuntimeError("ReplicaPool.start() called twice")
         self._waited = True
-        self.launch()
-        assert self._launching is not None
         try:
-            await asyncio.shield(self._launching)
+            await self.launched()
             one_ready = lambda: self._start_error or any(r.ready for r in self._reps)  # noqa: E731
             left = self._start_timeout - (time.monotonic() - self._launched_at)
             in_time = await self._wait_for(one_ready, left)

@@ -19,7 +19,7 @@ import pytest
 
 from batchjob.errors import ReplicaError
 from batchjob.replica_process import Placement
-from batchjob.replica_server import start_replica_server
+from batchjob.replica_server import start_replica_server, stop_replica_server
 from batchjob.replicas import PoolState, ReplicaPool
 from tests.replica_fakes import Toy
 
@@ -395,3 +395,16 @@ def test_a_pool_closed_while_it_starts_stops_its_replicas() -> None:
 
     asyncio.run(asyncio.wait_for(main(), 45))
     assert leftovers(before) == []
+
+
+def test_a_stopped_fork_server_is_started_again_by_the_next_pool() -> None:
+    """What the CLI does on its way out (stop it, even mid-import) leaves later pools whole."""
+    start_replica_server()
+    stop_replica_server()  # most likely while it imports torch
+    stop_replica_server()  # none running: nothing to do
+
+    async def main() -> int:
+        async with ReplicaPool(Toy(), one_replica()) as pool:
+            return check(await pool.run(batch(4)), 4)
+
+    assert asyncio.run(asyncio.wait_for(main(), 45)) != os.getpid()
