@@ -259,7 +259,8 @@ class Storage:
             path = local_output_path(output, rel)
             if path is None:
                 raise StorageError(f"its output {rel} would be written outside {output}")
-            return await asyncio.to_thread(ShardWriter, path, schema)
+            # Not in a thread: cancelled while a thread opened it, nobody would remove the file.
+            return ShardWriter(path, schema)
         return S3ShardWriter(await self.s3(), S3Url.parse(output).join(rel), schema)
 
     async def write_manifest(self, output: str, manifest: dict[str, Any]) -> None:
