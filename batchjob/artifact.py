@@ -3,13 +3,18 @@
 batchjob.json        task, backend, dtype, strategy, shapes (batch size per bucket),
                      labels, pooling, library versions, and the SHA-256 of every other file
 graph_<S>.pt         one traced graph per compiled sequence length S
+weights.pt           cpu backend: the weights of all the graphs, once (a Neuron graph holds
+                     its own); every replica maps it read-only, so the kernel keeps one copy
+                     in memory for all of them
 tokenizer/           the tokenizer, saved with save_pretrained
 config.json          the model's config
 
 Loading checks every field and every checksum once, in the parent process, before anything
 starts; the replicas load only the graphs of that verified artifact and don't hash again.
 The checksums catch corruption and swapped files, not malice: whoever can write a graph can
-rewrite batchjob.json too, and a graph is code (TorchScript runs what it holds).
+rewrite batchjob.json too, and a graph is code (TorchScript runs what it holds). An artifact
+is never changed once published; a replica maps its weights file, which must stay as it is
+while replicas run (written over, a mapped file changes under them).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +36,9 @@ from batchjob.artifact_manifest import FORMAT_VERSION, MANIFEST, graph_name, rea
 from batchjob.batching import Shape
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.replica_process import Predict
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("batchjob.artifact")
 
@@ -63,6 +73,7 @@ class Artifact:
     compiler_args: tuple[str, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)
     max_abs_diff_vs_eager: float | None = None
+    weights: str | None = None  # the weights file (cpu backend), relative to path
 
     @property
     def max_length(self) -> int:
@@ -74,6 +85,10 @@ class Artifact:
 
     def graph_path(self, shape: Shape) -> str:
         return os.path.join(self.path, graph_name(shape))
+
+    @property
+    def weights_path(self) -> str | None:
+        return os.path.join(self.path, self.weights) if self.weights else None
 
     def save(self) -> None:
         """Write batchjob.json, with the SHA-256 of every file now in the directory."""
@@ -87,6 +102,28 @@ class Artifact:
         with open(os.path.join(self.path, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, ensure_ascii=False)
             f.write("\n")
+
+
+def write_weights(weights: Mapping[str, torch.Tensor], path: str) -> None:
+    """The weights file: torch.save's zip, whose tensors start on 64-byte boundaries, as
+    `torch.load(mmap=True)` maps them."""
+    import torch
+
+    torch.save(dict(sorted(weights.items())), path)
+
+
+def map_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, mapped rather than read (MAP_PRIVATE of the file): the
+    page cache holds one copy of each page for every process that maps it. weights_only:
+    tensors only, no pickled code."""
+    import torch
+
+    weights = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise BatchJobError(f"{path}: not a weights file (a dict of named tensors)")
+    return weights
 
 
 def is_artifact(path: str) -> bool:
@@ -190,6 +227,7 @@ class ArtifactLoader:
 
     artifact: Artifact
     graph_stamps: tuple[Stamp, ...]  # per shape: its graph's file as verified
+    weights_stamp: Stamp | None  # the weights file as verified, where there is one
 
     def __init__(self, artifact: Artifact | str) -> None:
         path = artifact if isinstance(artifact, str) else artifact.path
@@ -199,6 +237,8 @@ class ArtifactLoader:
         object.__setattr__(self, "artifact", verified)
         graph_stamps = tuple(stamps[graph_name(s)] for s in verified.shapes)
         object.__setattr__(self, "graph_stamps", graph_stamps)
+        weights_stamp = stamps[verified.weights] if verified.weights else None
+        object.__setattr__(self, "weights_stamp", weights_stamp)
 
     def __call__(self) -> Predict:
         import torch
@@ -207,16 +247,15 @@ class ArtifactLoader:
 
         artifact = self.artifact
         backend = get_backend(artifact.backend)
+        weights: dict[str, torch.Tensor] = {}
+        if artifact.weights_path is not None and self.weights_stamp is not None:
+            _unchanged(artifact.weights_path, self.weights_stamp)
+            weights = map_weights(artifact.weights_path)  # one mapping for every graph
         graphs = {}
         for shape, stamp in zip(artifact.shapes, self.graph_stamps, strict=True):
             path = artifact.graph_path(shape)
-            try:
-                same = file_stamp(path) == stamp
-            except OSError:
-                same = False
-            if not same:
-                raise BatchJobError(f"{path}: changed since the artifact was verified")
-            graphs[shape.seq_len] = backend.load(path)
+            _unchanged(path, stamp)
+            graphs[shape.seq_len] = backend.load(path, weights)
         names = PACKED_INPUTS if artifact.strategy == "packing" else BUCKET_INPUTS
 
         def predict(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -230,3 +269,12 @@ class ArtifactLoader:
         # ~0.1 s slower than later ones, and the first real batches pay that, where two dummy
         # batches per shape cost two full batches' time before ready (2 s for bert-base).
         return predict
+
+
+def _unchanged(path: str, stamp: Stamp) -> None:
+    try:
+        same = file_stamp(path) == stamp
+    except OSError:
+        same = False
+    if not same:
+        raise BatchJobError(f"{path}: changed since the artifact was verified")

@@ -20,9 +20,12 @@ from batchjob.config import BACKENDS, TASKS
 from batchjob.errors import UsageError
 
 MANIFEST = "batchjob.json"
-# 2: `files` records the SHA-256 of every file of the artifact. Format 1 had no checksums:
-# such an artifact is refused (compile it again), and the cache keys include this number.
-FORMAT_VERSION = 2
+# 2: `files` records the SHA-256 of every file of the artifact (format 1 had no checksums).
+# 3: the cpu backend's graphs leave their weights to one file, `weights` (format 2 graphs
+# each held a copy). An older artifact is refused (compile it again), and the cache keys
+# include this number.
+FORMAT_VERSION = 3
+WEIGHTS_FILE = "weights.pt"
 DTYPES = ("fp32", "bf16")
 STRATEGIES = ("buckets", "packing")
 FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -44,6 +47,7 @@ FIELDS = (
     "compiler_args",
     "versions",
     "max_abs_diff_vs_eager",
+    "weights",
     "files",
 )
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -130,7 +134,8 @@ class _Checker:
         if not _is_int(version) or version != FORMAT_VERSION:
             raise UsageError(
                 f"{self.where}: artifact format {_show(version)}, this batchjob reads "
-                f"{FORMAT_VERSION} (with checksums of its files); compile the model again"
+                f"{FORMAT_VERSION} (one copy of the weights for all graphs); compile the "
+                "model again"
             )
         for name in data:
             if name not in FIELDS:
@@ -141,9 +146,11 @@ class _Checker:
         task = self.choice("task", data["task"], TASKS)
         strategy = self.choice("strategy", data["strategy"], STRATEGIES)
         shapes = self.shapes(data["shapes"], strategy)
+        backend = self.choice("backend", data["backend"], BACKENDS)
+        weights = self.weights(data["weights"], backend)
         fields: dict[str, Any] = {
             "task": task,
-            "backend": self.choice("backend", data["backend"], BACKENDS),
+            "backend": backend,
             "dtype": self.choice("dtype", data["dtype"], DTYPES),
             "strategy": strategy,
             "shapes": shapes,
@@ -155,8 +162,9 @@ class _Checker:
             "compiler_args": self.strings("compiler_args", data["compiler_args"]),
             "versions": self.versions(data["versions"]),
             "max_abs_diff_vs_eager": self.diff(data["max_abs_diff_vs_eager"]),
+            "weights": weights,
         }
-        return Manifest(fields, self.files(data["files"], data["shapes"]))
+        return Manifest(fields, self.files(data["files"], data["shapes"], weights))
 
     def shapes(self, value: Any, strategy: str) -> tuple[Shape, ...]:
         if not isinstance(value, list) or not value:
@@ -225,6 +233,16 @@ class _Checker:
             self.fail("versions", "an object of package → version", value)
         return {k: self.string(f"versions[{_show(k)}]", v) for k, v in value.items()}
 
+    def weights(self, value: Any, backend: str) -> str | None:
+        """The cpu backend's graphs map one weights file; a Neuron graph holds its own."""
+        if backend == "cpu":
+            if value != WEIGHTS_FILE:
+                self.fail("weights", f"{_show(WEIGHTS_FILE)} for backend cpu", value)
+            return WEIGHTS_FILE
+        if value is not None:
+            self.fail("weights", f"null for backend {backend}", value)
+        return None
+
     def diff(self, value: Any) -> float | None:
         if value is None:
             return None
@@ -233,7 +251,9 @@ class _Checker:
             self.fail("max_abs_diff_vs_eager", "a number ≥ 0 or null", value)
         return float(value)
 
-    def files(self, value: Any, shapes: list[dict[str, Any]]) -> dict[str, str]:
+    def files(
+        self, value: Any, shapes: list[dict[str, Any]], weights: str | None
+    ) -> dict[str, str]:
         if not isinstance(value, dict) or not value:
             self.fail("files", "an object of relative path → SHA-256 (64 hex digits)", value)
         for rel, digest in value.items():
@@ -246,6 +266,8 @@ class _Checker:
         graphs = {item["graph"] for item in shapes}
         for graph in sorted(graphs - set(value)):
             raise UsageError(f"{self.where}: field files must list {graph}, a graph of shapes")
+        if weights is not None and weights not in value:
+            raise UsageError(f"{self.where}: field files must list {weights}, the weights file")
         for rel in sorted(value):
             if GRAPH_FILE.fullmatch(rel) and rel not in graphs:
                 raise UsageError(f"{self.where}: field files lists {rel}, which no shape uses")

@@ -20,8 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchjob.artifact import PACKED_INPUTS, Artifact, is_artifact, load_artifact
-from batchjob.artifact_manifest import FORMAT_VERSION, graph_name
+from batchjob.artifact import (
+    PACKED_INPUTS,
+    Artifact,
+    is_artifact,
+    load_artifact,
+    write_weights,
+)
+from batchjob.artifact_manifest import FORMAT_VERSION, WEIGHTS_FILE, graph_name
 from batchjob.backends import get_backend
 from batchjob.batching import Item, PackingBatcher, Shape
 from batchjob.config import (
@@ -186,6 +192,8 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
     staging = make_staging(output)
     try:
         worst = 0.0
+        # What the graphs left out, by content: one copy for all of them (cpu backend).
+        shared: dict[str, torch.Tensor] = {}
         vocab = loaded.config.vocab_size
         for shape in chosen.shapes:
             if packed:
@@ -198,7 +206,8 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
                 traced = backend.trace(graph, inputs, spec.compiler_args, dtype)
             if backend.device == "cpu":
                 worst = max(worst, _check_against_eager(graph, traced, inputs, dtype, shape))
-            torch.jit.save(traced, os.path.join(staging, graph_name(shape)))
+            shared |= backend.save(traced, os.path.join(staging, graph_name(shape)))
+            del traced
             log.info(
                 "%.1fs traced %s %s graph %dx%d%s",
                 time.monotonic() - started,
@@ -208,6 +217,8 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
                 shape.seq_len,
                 f" (up to {chosen.max_segments} documents a row)" if packed else "",
             )
+        if backend.shares_weights:
+            write_weights(shared, os.path.join(staging, WEIGHTS_FILE))
         loaded.tokenizer.save_pretrained(os.path.join(staging, "tokenizer"))
         loaded.config.save_pretrained(staging)
         artifact = Artifact(
@@ -227,6 +238,7 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
             compiler_args=spec.compiler_args,
             versions=_versions(),
             max_abs_diff_vs_eager=worst if backend.device == "cpu" else None,
+            weights=WEIGHTS_FILE if backend.shares_weights else None,
         )
         artifact.save()
         published = publish(staging, output, shared=into_cache)

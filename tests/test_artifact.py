@@ -287,16 +287,24 @@ def test_a_loader_refuses_an_artifact_that_changed_since_it_was_loaded(
         ArtifactLoader(artifact)
 
 
-def test_format_1_artifact_is_refused(
-    classifier_dir: Path, compiled: CompileFn, tmp_path: Path
+# What an artifact of an older format lacks: 1 had no checksums, 2 a copy of the weights in
+# every graph (and no field `weights`).
+OLDER_FORMATS = {1: ("files", "weights"), 2: ("weights",)}
+
+
+@pytest.mark.parametrize("version", sorted(OLDER_FORMATS))
+def test_an_older_format_is_refused(
+    version: int, classifier_dir: Path, compiled: CompileFn, tmp_path: Path
 ) -> None:
     root = copy_artifact(compiled(classifier_dir).path, tmp_path / "artifact")
-    edit(root, lambda d: (d.update(format_version=1), d.pop("files")))
-    message = usage_error(root)
-    assert message == (
-        f"{root}/batchjob.json: artifact format 1, this batchjob reads {FORMAT_VERSION} "
-        "(with checksums of its files); compile the model again"
+    edit(root, lambda d: [d.update(format_version=version), *map(d.pop, OLDER_FORMATS[version])])
+    expected = (
+        f"{root}/batchjob.json: artifact format {version}, this batchjob reads {FORMAT_VERSION} "
+        "(one copy of the weights for all graphs); compile the model again"
     )
+    assert usage_error(root) == expected
+    done, out = run_cli(root, tmp_path)
+    assert_refused(done, out, expected)
 
 
 def test_a_damaged_cached_compile_is_refused(
@@ -438,6 +446,23 @@ BAD_FIELDS: list[tuple[Callable[[Manifest], object], str]] = [
         'field files["config.json"] must be a SHA-256',
     ),
     (lambda d: d.update(format_version="2"), 'artifact format "2", this batchjob reads'),
+    (_drop("weights"), "field weights is missing"),
+    (
+        lambda d: d.update(weights=None),
+        'field weights must be "weights.pt" for backend cpu, got null',
+    ),
+    (
+        lambda d: d.update(weights="graph_16.pt"),
+        'field weights must be "weights.pt" for backend cpu, got "graph_16.pt"',
+    ),
+    (
+        lambda d: d.update(backend="neuronx"),
+        'field weights must be null for backend neuronx, got "weights.pt"',
+    ),
+    (
+        lambda d: d["files"].pop("weights.pt"),
+        "field files must list weights.pt, the weights file",
+    ),
 ]
 
 

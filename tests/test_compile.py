@@ -159,6 +159,7 @@ def test_classifier_artifact_layout(classifier_dir: Path, compiled: CompileFn) -
     assert data["versions"]["transformers"] == transformers.__version__
     assert {"batchjob", "tokenizers"} <= set(data["versions"])
     assert 0 <= data["max_abs_diff_vs_eager"] <= 1e-4
+    assert data["weights"] == "weights.pt"
 
     root = Path(artifact.path)
     assert sorted(p.name for p in root.iterdir()) == [
@@ -167,6 +168,7 @@ def test_classifier_artifact_layout(classifier_dir: Path, compiled: CompileFn) -
         "graph_16.pt",
         "graph_32.pt",
         "tokenizer",
+        "weights.pt",
     ]
     assert (root / "tokenizer" / "tokenizer.json").is_file()
     assert len(json.loads((root / "config.json").read_text())["id2label"]) == 3

@@ -8,7 +8,7 @@ import torch (a second of start-up): `backend_device` answers where replicas run
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from batchjob.errors import UsageError
@@ -23,6 +23,7 @@ DEVICES = {"cpu": "cpu", "neuron": "neuron", "neuronx": "neuron"}
 class Backend(Protocol):
     name: str
     device: str  # "cpu" or "neuron": how replicas are placed
+    shares_weights: bool  # its artifacts keep the weights in one file that every graph maps
 
     def trace(
         self,
@@ -32,7 +33,14 @@ class Backend(Protocol):
         dtype: str,
     ) -> torch.jit.ScriptModule: ...
 
-    def load(self, path: str) -> torch.jit.ScriptModule: ...
+    def save(self, graph: torch.jit.ScriptModule, path: str) -> dict[str, torch.Tensor]:
+        """Write `graph` to `path`; returns the weights it left out, which the artifact
+        stores once, in its weights file, for all its graphs (empty: the graph holds its own)."""
+        ...
+
+    def load(self, path: str, weights: Mapping[str, torch.Tensor]) -> torch.jit.ScriptModule:
+        """The graph at `path`, given the artifact's weights (empty where it has none)."""
+        ...
 
 
 def get_backend(name: str) -> Backend:

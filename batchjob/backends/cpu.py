@@ -1,17 +1,43 @@
-"""CPU backend: torch.jit.trace then freeze; the same trace API the Neuron SDKs mirror."""
+"""CPU backend: torch.jit.trace then freeze; the same trace API the Neuron SDKs mirror.
+
+The weights live once per artifact, not once per graph: every graph file holds the code, and
+the artifact's weights file (artifact.py) holds the tensors, which every graph of the
+artifact and every replica maps read-only, so the kernel keeps one copy in memory however
+many buckets and replicas there are.
+
+How: freezing makes the weights constants of the graph. On the CPU that buys folded
+attribute lookups, no dropout and constant propagation; it neither concatenates linears
+(CUDA only) nor prepacks weights for oneDNN (only `optimize_for_inference` would, and not
+for bf16 linears), so a weight read from a module attribute runs at the speed of a constant
+(measured: bench/weights_bench.py). After freezing, each tensor constant of a page or more is lifted
+back into an attribute named after its content (`weight_<sha256>`): equal tensors of
+different graphs are one entry of the weights file. A graph is saved with empty placeholders
+in those attributes; loading sets them to the mapped tensors.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from batchjob.errors import BatchJobError
+
+# The attribute listing a graph's lifted weights, saved with the graph.
+WEIGHT_NAMES = "batchjob_weights"
+WEIGHT_PREFIX = "weight_"
+# Smaller constants (biases, layer norms: a few KB a layer) stay in the graph: sharing
+# memory is by pages, and a scalar read as a constant lets the executor fold it.
+MIN_SHARED_BYTES = 4096
 
 
 @dataclass(frozen=True)
 class CpuBackend:
     name: str = "cpu"
     device: str = "cpu"
+    shares_weights: bool = True
 
     def trace(
         self,
@@ -20,16 +46,82 @@ class CpuBackend:
         compiler_args: Sequence[str],
         dtype: str,
     ) -> torch.jit.ScriptModule:
-        # Freezing folds the weights into the graph as constants, which lets oneDNN pick
-        # prepacked bf16 kernels; it is as fast as AOTInductor here (FACTS.md).
         with torch.inference_mode(False), torch.no_grad():
             traced = torch.jit.trace(module.eval(), example_inputs, check_trace=False)
             frozen: torch.jit.ScriptModule = torch.jit.freeze(traced)
-            return frozen
+        lift_weights(frozen)
+        return frozen
 
-    def load(self, path: str) -> torch.jit.ScriptModule:
+    def save(self, graph: torch.jit.ScriptModule, path: str) -> dict[str, torch.Tensor]:
+        names: list[str] = graph._c.getattr(WEIGHT_NAMES)
+        weights = {name: graph._c.getattr(name) for name in names}
+        try:
+            for name, tensor in weights.items():
+                graph._c.setattr(name, torch.empty(0, dtype=tensor.dtype))
+            torch.jit.save(graph, path)
+        finally:
+            for name, tensor in weights.items():
+                graph._c.setattr(name, tensor)
+        return weights
+
+    def load(self, path: str, weights: Mapping[str, torch.Tensor]) -> torch.jit.ScriptModule:
         module: torch.jit.ScriptModule = torch.jit.load(path, map_location="cpu")
+        if not module._c.hasattr(WEIGHT_NAMES):
+            raise BatchJobError(f"{path}: a graph without the list of its weights")
+        for name in module._c.getattr(WEIGHT_NAMES):
+            tensor = weights.get(name)
+            if tensor is None:
+                raise BatchJobError(f"{path}: needs {name}, which the weights file lacks")
+            module._c.setattr(name, tensor)
         return module.eval()
+
+
+def lift_weights(module: torch.jit.ScriptModule) -> list[str]:
+    """Turn the frozen graph's large tensor constants into attributes named after their
+    content, listed in the attribute WEIGHT_NAMES; the module runs as before."""
+    graph = module.graph
+    this = next(iter(graph.inputs()))  # `self`: a frozen module keeps it as its first input
+    names: list[str] = []
+    for node in list(_nodes(graph.block())):
+        if node.kind() != "prim::Constant" or node.output().type().kind() != "TensorType":
+            continue
+        tensor: torch.Tensor = node.t("value")
+        if tensor.numel() * tensor.element_size() < MIN_SHARED_BYTES:
+            continue
+        name = WEIGHT_PREFIX + _content_hash(tensor)
+        if name not in names:
+            names.append(name)
+            module._c._register_attribute(name, torch._C.TensorType.get(), _compact(tensor))
+        get = graph.create("prim::GetAttr", [this], 1)
+        get.s_("name", name)
+        get.output().setType(torch._C.TensorType.get())
+        get.insertBefore(node)
+        node.output().replaceAllUsesWith(get.output())
+        node.destroy()
+    graph.lint()
+    module._c._register_attribute(WEIGHT_NAMES, torch._C.ListType(torch._C.StringType.get()), names)
+    return names
+
+
+def _nodes(block: torch._C.Block) -> Iterator[torch._C.Node]:
+    for node in block.nodes():
+        yield node
+        for inner in node.blocks():
+            yield from _nodes(inner)
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor alone in a storage of its own size: saving a view saves its whole storage."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == nbytes:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _content_hash(tensor: torch.Tensor) -> str:
+    digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:32]
 
 
 BACKEND = CpuBackend()

@@ -6,7 +6,7 @@ hardware yet: tested against stand-in modules with the SDKs' `trace` signatures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,8 @@ class NeuronSdkBackend:
     sdk: str  # the module to import: it registers the Neuron ops (and, for Inf1, torch.neuron)
     keep_fp32: tuple[str, str]  # compiler args that stop the default bf16 cast of matmuls
     device: str = "neuron"
+    # The compiled graph holds its weights (the NEFF), loaded onto each NeuronCore.
+    shares_weights: bool = False
 
     def trace(
         self,
@@ -40,7 +42,11 @@ class NeuronSdkBackend:
         )
         return traced
 
-    def load(self, path: str) -> torch.jit.ScriptModule:
+    def save(self, graph: torch.jit.ScriptModule, path: str) -> dict[str, torch.Tensor]:
+        torch.jit.save(graph, path)
+        return {}
+
+    def load(self, path: str, weights: Mapping[str, torch.Tensor]) -> torch.jit.ScriptModule:
         import_sdk(self.sdk, self.name)  # registers the Neuron ops before load
         module: torch.jit.ScriptModule = torch.jit.load(path)
         return module
