@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/sqs_bench.py
 	$(BIN)/python bench/memory_bench.py
 	$(BIN)/python bench/startup_bench.py
+	$(BIN)/python bench/weights_bench.py
 
 clean:
 	rm -rf $(VENV) .venv-lock .cache out .mypy_cache .ruff_cache .pytest_cache .hypothesis
