@@ -56,7 +56,7 @@ began = time.monotonic()
 import numpy as np
 import torch
 imported = time.monotonic()
-from batchjob.artifact import load_artifact, BUCKET_INPUTS, PACKED_INPUTS
+from batchjob.artifact import load_artifact, map_weights, BUCKET_INPUTS, PACKED_INPUTS
 from batchjob.backends import get_backend
 
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -64,10 +64,11 @@ torch.set_num_threads(1)
 artifact = load_artifact(sys.argv[1])
 backend = get_backend(artifact.backend)
 names = PACKED_INPUTS if artifact.strategy == "packing" else BUCKET_INPUTS
+weights = map_weights(artifact.weights_path) if artifact.weights_path else {}
 shapes = []
 for shape in artifact.shapes:
     started = time.monotonic()
-    graph = backend.load(artifact.graph_path(shape))
+    graph = backend.load(artifact.graph_path(shape), weights)
     load = time.monotonic() - started
     b, s = shape.batch_size, shape.seq_len
     arrays = {name: np.zeros((b, s), np.int64) for name in names}
