@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from batchjob.artifact import BUCKET_INPUTS, ArtifactLoader, load_artifact, map_weights
 from batchjob.artifact_manifest import WEIGHTS_FILE
-from batchjob.backends.cpu import BACKEND, MIN_SHARED_BYTES, WEIGHT_NAMES
+from batchjob.backends.cpu import BACKEND, MIN_SHARED_BYTES, WEIGHT_NAMES, CpuBackend
 from batchjob.errors import BatchJobError
 from batchjob.replica_process import Placement
 from batchjob.replicas import ReplicaPool
@@ -147,3 +148,36 @@ def test_a_graph_needs_its_weights(classifier_dir: Path, compiled: CompileFn) ->
     graph = artifact.graph_path(artifact.shapes[0])
     with pytest.raises(BatchJobError, match=re.escape(f"{graph}: needs weight_")):
         BACKEND.load(graph, {})
+
+
+def test_weights_as_constants_is_the_same_model_with_its_own_copy(
+    classifier_dir: Path, compiled: CompileFn
+) -> None:
+    """The bench's A/B (format 2's way): each graph frozen again with a private copy of its
+    weights as constants computes what the graph on the mapped weights computes."""
+    artifact = compiled(classifier_dir)
+    weights = map_weights(str(Path(artifact.path) / WEIGHTS_FILE))
+    ranges = mapped_ranges(str(Path(artifact.path) / WEIGHTS_FILE))
+    constants_backend = CpuBackend(weights_as_constants=True)
+    rng = np.random.default_rng(0)
+    for shape in artifact.shapes:
+        path = artifact.graph_path(shape)
+        shared, constants = BACKEND.load(path, weights), constants_backend.load(path, weights)
+        assert not [n for n in constants.graph.nodes() if n.kind() == "prim::GetAttr"]
+        folded = [
+            n.t("value")
+            for n in constants.graph.nodes()
+            if n.kind() == "prim::Constant" and n.output().type().kind() == "TensorType"
+        ]
+        large = [t for t in folded if t.numel() * t.element_size() >= MIN_SHARED_BYTES]
+        assert len(large) == len(set(shared._c.getattr(WEIGHT_NAMES))) > 0
+        for tensor in large:  # a copy of its own, not a page of the mapped file
+            assert not any(low <= tensor.data_ptr() < high for low, high in ranges)
+        b, s = shape.batch_size, shape.seq_len
+        inputs = (
+            torch.from_numpy(rng.integers(5, 100, size=(b, s))),
+            torch.ones(b, s, dtype=torch.int64),
+            torch.zeros(b, s, dtype=torch.int64),
+        )
+        with torch.inference_mode():
+            torch.testing.assert_close(constants(*inputs), shared(*inputs), rtol=0, atol=0)

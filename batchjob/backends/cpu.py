@@ -38,6 +38,10 @@ class CpuBackend:
     name: str = "cpu"
     device: str = "cpu"
     shares_weights: bool = True
+    # Load each graph with a private copy of its weights frozen back in as constants, as
+    # format 2 held them: the A/B of bench/weights_bench.py, not a user's option (the shared
+    # weights were as fast there).
+    weights_as_constants: bool = False
 
     def trace(
         self,
@@ -73,6 +77,11 @@ class CpuBackend:
             if tensor is None:
                 raise BatchJobError(f"{path}: needs {name}, which the weights file lacks")
             module._c.setattr(name, tensor)
+        if self.weights_as_constants:
+            for name in module._c.getattr(WEIGHT_NAMES):
+                module._c.setattr(name, module._c.getattr(name).clone())
+            frozen: torch.jit.ScriptModule = torch.jit.freeze(module.eval())
+            return frozen
         return module.eval()
 
 
