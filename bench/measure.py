@@ -243,7 +243,11 @@ class PoolResult:
     cpu: list[CpuUse | None]
 
 
-def model_alone(artifact_path: Path, ids: list[str], texts: list[str], passes: int) -> PoolResult:
+def model_alone(
+    artifact_path: Path, ids: list[str], texts: list[str], passes: int, loader: Any = None
+) -> PoolResult:
+    """The artifact's graphs alone through a ReplicaPool, one replica a core; `loader`: the
+    replicas' loader (default: the artifact's ArtifactLoader)."""
     from batchjob.artifact import ArtifactLoader, load_artifact
     from batchjob.batching import Item, make_batcher
     from batchjob.records import Record
@@ -268,7 +272,7 @@ def model_alone(artifact_path: Path, ids: list[str], texts: list[str], passes: i
     for b in batches:
         key = f"{b.shape.batch_size}x{b.shape.seq_len}"
         shapes[key] = shapes.get(key, 0) + 1
-    seconds, cpu = asyncio.run(_time_pool(ArtifactLoader(artifact.path), batches, passes))
+    seconds, cpu = asyncio.run(_time_pool(loader or ArtifactLoader(artifact.path), batches, passes))
     return PoolResult(
         documents=sum(len(b) for b in batches),
         real_tokens=sum(b.real_tokens for b in batches),
