@@ -93,8 +93,7 @@ class ConstantsLoader:
         return self.inner()
 
 
-def largest_batch(artifact: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    shape = artifact.shapes[-1]
+def random_batch(artifact: Any, shape: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
     ones = np.ones((shape.batch_size, shape.seq_len), np.int64)
     arrays = {"input_ids": rng.integers(5, 30000, size=ones.shape), "token_type_ids": 0 * ones}
     if artifact.strategy == "packing":
@@ -123,7 +122,9 @@ async def _probe(how: str, artifact_path: str, replicas: int) -> dict[str, Any]:
         if how != "none":
             rng = np.random.default_rng(0)
             artifact = load_artifact(artifact_path)
-            batches = [largest_batch(artifact, rng) for _ in range(2 * replicas)]
+            batches = [
+                random_batch(artifact, artifact.shapes[-1], rng) for _ in range(2 * replicas)
+            ]
             await asyncio.gather(*(pool.run(b) for b in batches))
         pids = [p.pid for p in multiprocessing.active_children() if p.pid is not None]
         server = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
@@ -150,6 +151,44 @@ def group_pss(memory: dict[str, Any]) -> float:
     return float(memory["server"]["Pss"] + sum(r["Pss"] for r in memory["replicas"]))
 
 
+def call_times(path: Path, calls: int) -> dict[str, dict[str, float]]:
+    """Per compiled shape, the median seconds of a call of its graph, shared and constants:
+    both loaded in this process and called in turn on one batch (ABBA), after two calls each
+    (the executor profiles, then optimises), so that other load hits both alike."""
+    import time
+
+    import torch
+
+    from batchjob.artifact import BUCKET_INPUTS, PACKED_INPUTS, load_artifact, map_weights
+    from batchjob.backends.cpu import CpuBackend
+
+    artifact = load_artifact(str(path))
+    weights = map_weights(str(path / "weights.pt"))
+    names = PACKED_INPUTS if artifact.strategy == "packing" else BUCKET_INPUTS
+    medians = {}
+    for shape in artifact.shapes:
+        graphs = {
+            how: CpuBackend(weights_as_constants=how == "constants").load(
+                artifact.graph_path(shape), weights
+            )
+            for how in ("shared", "constants")
+        }
+        arrays = random_batch(artifact, shape, np.random.default_rng(0))
+        inputs = [torch.from_numpy(arrays[name]) for name in names]
+        seconds: dict[str, list[float]] = {"shared": [], "constants": []}
+        with torch.inference_mode():
+            for i in range(2 + calls):
+                for how in ("shared", "constants")[:: 1 if i % 2 else -1]:
+                    started = time.perf_counter()
+                    graphs[how](*inputs)
+                    if i >= 2:
+                        seconds[how].append(time.perf_counter() - started)
+        medians[f"{shape.batch_size}x{shape.seq_len}"] = {
+            how: statistics.median(s) for how, s in seconds.items()
+        }
+    return medians
+
+
 # -- the bench --------------------------------------------------------------------------------
 
 
@@ -164,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=800, help="documents of a speed pass (800)")
     p.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the speed A/B (2)")
     p.add_argument("--passes", type=int, default=2, help="passes per pool (2)")
+    p.add_argument("--calls", type=int, default=6, help="timed calls per graph and way (6)")
     p.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -260,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{rate['constants']:.1f} docs/s; shared ÷ constants {shown} "
             f"(passes: {json.dumps({k: [round(x, 2) for x in v] for k, v in seconds.items()})})"
         )
+    for name, path in (("packed", packed), ("buckets", buckets)):
+        for shape, median in call_times(path, args.calls).items():
+            ratio = median["constants"] / median["shared"]
+            shown, met = verdict("speed", ratio, at_least=True)
+            met_all &= met
+            say(
+                f"a call, {name} {shape}: shared {median['shared'] * 1e3:.0f} ms, constants "
+                f"{median['constants'] * 1e3:.0f} ms; shared's speed ÷ constants' {shown}"
+            )
     return 0 if met_all else 1
 
 
