@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=800, help="documents of a speed pass (800)")
     p.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the speed A/B (2)")
     p.add_argument("--passes", type=int, default=2, help="passes per pool (2)")
-    p.add_argument("--calls", type=int, default=6, help="timed calls per graph and way (6)")
+    p.add_argument("--calls", type=int, default=10, help="timed calls per graph and way (10)")
     p.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
