@@ -40,7 +40,7 @@ class CpuBackend:
     shares_weights: bool = True
     # Load each graph with a private copy of its weights frozen back in as constants, as
     # format 2 held them: the A/B of bench/weights_bench.py, not a user's option (the shared
-    # weights were as fast there).
+    # weights were as fast there, within the ±4% the machine's other load makes of it).
     weights_as_constants: bool = False
 
     def trace(
