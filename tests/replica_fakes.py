@@ -8,10 +8,23 @@ import functools
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from batchjob.replica_process import Predict
+
+if TYPE_CHECKING:
+    from batchjob.replicas import ReplicaPool
+
+
+async def all_ready(pool: ReplicaPool, seconds: float = 30.0) -> None:
+    """Wait until every replica of a started pool is ready: the pool takes batches from the
+    first one ready, and a test that needs each replica to answer must wait for the others."""
+    deadline = time.monotonic() + seconds
+    while pool.ready_replicas < pool.size:  # polled: the pool has no event for it
+        assert time.monotonic() < deadline, f"{pool.ready_replicas} of {pool.size} ready"
+        await asyncio.sleep(0.01)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from batchjob.cores import Host, Placement, cgroup_cpu_quota, plan_placements
 from batchjob.errors import UsageError
 from batchjob.neuron_devices import format_core_list, parse_core_list
 from batchjob.replicas import ReplicaPool
-from tests.replica_fakes import Toy
+from tests.replica_fakes import Toy, all_ready
 
 LOGGER = "batchjob.replicas"
 REAL_CPUS = sorted(os.sched_getaffinity(0))
@@ -584,6 +584,7 @@ def test_replicas_see_the_neuron_cores_planned_for_them(
 
     async def main() -> list[dict[str, Any]]:
         async with ReplicaPool(Toy(), placements) as pool:
+            await all_ready(pool)
             seen: dict[int, dict[str, Any]] = {}
             for _ in range(20):
                 outs = await asyncio.gather(*(pool.run({"probe": np.zeros(1)}) for _ in range(4)))

@@ -21,7 +21,7 @@ from batchjob.errors import ReplicaError
 from batchjob.replica_process import Placement
 from batchjob.replica_server import start_replica_server, stop_replica_server
 from batchjob.replicas import PoolState, ReplicaPool
-from tests.replica_fakes import Toy
+from tests.replica_fakes import Toy, all_ready
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,6 +71,7 @@ def shared() -> Iterator[tuple[asyncio.AbstractEventLoop, ReplicaPool]]:
     placements = [Placement(0, (CPUS[0],)), Placement(1, (CPUS[-1],), neuron_cores="1")]
     pool = ReplicaPool(Toy(delay=0.002, raise_on=-7), placements)
     loop.run_until_complete(pool.start())
+    loop.run_until_complete(all_ready(pool))  # the tests here see both replicas answer
     yield loop, pool
     loop.run_until_complete(pool.close())
     loop.close()
@@ -252,10 +253,7 @@ def test_batches_go_to_the_first_replica_ready_and_the_others_join(tmp_path: Pat
             assert pool.ready_replicas == 1  # replica 1 waits for the gate
             early = {check(await pool.run(batch(i)), i) for i in range(6)}
             gate.touch()
-            for _ in range(3000):  # polled: the pool has no event for it (30 s at most)
-                if pool.ready_replicas == 2:
-                    break
-                await asyncio.sleep(0.01)
+            await all_ready(pool)
             outs = await asyncio.gather(*(pool.run(batch(i)) for i in range(40)))
             later = {check(out, i) for i, out in enumerate(outs)}
         assert errors == []

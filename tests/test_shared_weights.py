@@ -22,8 +22,9 @@ from batchjob.backends.cpu import BACKEND, MIN_SHARED_BYTES, WEIGHT_NAMES, CpuBa
 from batchjob.errors import BatchJobError
 from batchjob.replica_process import Placement
 from batchjob.replicas import ReplicaPool
+from tests.artifact_edits import assert_refused, backdate, copy_artifact, read, run_cli
 from tests.conftest import CompileFn
-from tests.test_artifact import assert_refused, backdate, copy_artifact, read, run_cli
+from tests.replica_fakes import all_ready
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,6 +98,7 @@ async def _replica_mappings(loader: ArtifactLoader, path: str) -> list[dict[str,
     placements = [Placement(i, (cpus[i % len(cpus)],)) for i in range(2)]
     before = set(multiprocessing.active_children())
     async with ReplicaPool(loader, placements) as pool:
+        await all_ready(pool)
         arrays = {n: np.ones((4, 16), np.int64) for n in BUCKET_INPUTS}
         await asyncio.gather(*(pool.run(arrays) for _ in range(4)))
         replicas = [p for p in multiprocessing.active_children() if p not in before]
