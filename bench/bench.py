@@ -2,10 +2,12 @@
 
 One run on this machine, one table (BENCHMARKS.md explains every row):
 
-  (a)  transformers `pipeline("text-classification")` in bf16 on all cores
+  (a)  transformers `pipeline("text-classification")` in bf16 on all cores, best batch size
+  ray  Ray Data `map_batches` over an actor pool of the same pipeline, start-up included
   (b)  `batchjob run` end to end (files in, Parquet out), default configuration
   (c)  the model alone: the same batches through a ReplicaPool, no I/O
-  (d)  the ideal: the corpus's real-token FLOPs ÷ the bf16 matmul rate measured in this run
+  (d)  the ideal: the corpus's real-token FLOPs ÷ the best bf16 matmul rate this machine
+       reaches at the model's layer shapes in this run (bench/ideal.py)
   ref  `batchjob run` with the classic single padded shape 6×128
 
 The machine is shared and noisy, so every row is also given as a fraction of (d), the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -32,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import measure
+import peers
 from context import MAX_LENGTH, SHARDS, Bench, HfTiming, Results, say
 from report import build_rows, describe_corpus, report
 
-HF_BATCH_SIZES = (1, 8)
-HF_BUDGET = 30.0  # seconds per batch size at most
+HF_BATCH_SIZES = (1, 8, 32, 64)
+HF_BUDGET = 20.0  # seconds per batch size at most
 # As `make bench` has the first three (the Makefile exports them), also when run directly.
 ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
@@ -61,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an extra end-to-end row compiled with these flags, written with '=', e.g. "
         "--variant='--no-packing --buckets 16,32,64,128 --max-batch-tokens 2048' (repeatable)",
     )
+    p.add_argument("--ray-actors", type=int, default=2, help="Ray Data's actor pool (2)")
+    p.add_argument("--no-ray", action="store_true", help="leave out the Ray Data row")
     p.add_argument("--json", type=Path, help="also write every number to this file")
     return p.parse_args(argv)
 
@@ -68,14 +74,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def machine() -> dict[str, Any]:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         cpuinfo = f.read().splitlines()
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?"
-    )
+
+    def field(name: str) -> str:
+        return next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith(name)), "?")
+
+    model = field("model name")
     flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), [])
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": model,
+        # Zen 4 is family 25, Zen 5 family 26: their bf16 matmul rates differ 2x.
+        "cpu_family": field("cpu family"),
+        "cpu_model": field("model\t"),
         "avx512_bf16": "avx512_bf16" in flags,
         "python": platform.python_version(),
         "versions": {
@@ -92,10 +103,11 @@ def measure_all(bench: Bench, tmpdir: Path) -> Results:
     ref_dir.mkdir()
     for i in range(min(args.ref_shards, SHARDS)):
         os.symlink(corpus_dir / f"part-{i}.jsonl", ref_dir / f"part-{i}.jsonl")
-    bench.matmul(rounds=2)
+    bench.matmul(rounds=1)
 
     texts = corpus.texts[: args.hf_docs]
-    hf = measure.HfPipeline(bench.model, bench.cores, MAX_LENGTH)
+    hf = peers.HfPipeline(bench.model, bench.cores, MAX_LENGTH)
+    out.hf_load_seconds = hf.load_seconds
 
     def time_hf(batch_size: int) -> None:
         with measure.OtherLoad() as others:
@@ -123,20 +135,41 @@ def measure_all(bench: Bench, tmpdir: Path) -> Results:
     for name in bench.flags:
         if name.startswith("variant"):
             out.variants[name] = bench.run(name, corpus_dir, tmpdir / name)
-    # The baseline's better batch size once more: the best timing counts, so that a burst of
+    # The baseline's best batch size once more: the best timing counts, so that a burst of
     # other load during one timing doesn't make the baseline look slow.
-    time_hf(max(out.hf, key=lambda t: t.rate).batch_size)
-    bench.matmul(rounds=2)
+    best = max(out.hf, key=lambda t: t.rate).batch_size
+    time_hf(best)
+    if not args.no_ray:
+        # No `others` here: Ray's own daemons are not this process's waited-for children.
+        ray = peers.ray_data(
+            bench.model, corpus_dir, tmpdir / "ray", args.ray_actors, best, MAX_LENGTH
+        )
+        out.ray = ray
+        say(
+            f"ray: {ray.documents} docs in {ray.seconds:.1f}s (ray.init {ray.ray_init_seconds:.1f}"
+            f"s, then {ray.pipeline_seconds:.1f}s)"
+        )
+    bench.matmul(rounds=1)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.no_ray and importlib.util.find_spec("ray") is None:
+        print(
+            "bench.py: the Ray Data row needs ray: pip install -c constraints.txt -e '.[bench]' "
+            "(or pass --no-ray)",
+            file=sys.stderr,
+        )
+        return 2
     for name, value in ENVIRONMENT.items():  # before transformers is imported
         os.environ.setdefault(name, value)
     started = time.perf_counter()
     info = machine()
-    say(f"machine: {info['nproc']} cores, {info['cpu']}, torch {info['versions']['torch']}")
+    say(
+        f"machine: {info['nproc']} cores, {info['cpu']} (cpu family {info['cpu_family']}, model "
+        f"{info['cpu_model']}), torch {info['versions']['torch']}"
+    )
     bench = Bench(args, info["nproc"])
     stats = describe_corpus(bench.corpus, bench.real)
     say(

@@ -7,19 +7,20 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import fixtures
+import ideal
 import measure
+import peers
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 128  # the largest default length, and (a)'s truncation
 SHARDS = 4
 CLASSIC = ["--batch-size", "6", "--sequence-length", "128", "--no-packing"]
-MATMUL_SECONDS = 2.0
+MATMUL_SECONDS = 0.75  # per layer shape, M and mode: 12 samples a round
 
 
 def say(message: str) -> None:
@@ -50,10 +51,12 @@ class HfTiming:
 @dataclass
 class Results:
     hf: list[HfTiming] = field(default_factory=list)
+    hf_load_seconds: float = 0.0
     runs: list[tuple[measure.RunResult, float]] = field(default_factory=list)  # (b), others
     pool: measure.PoolResult | None = None
     pool_others: float = 0.0
     ref: tuple[measure.RunResult, float] | None = None
+    ray: peers.RayResult | None = None  # the Ray Data peer
     variants: dict[str, tuple[measure.RunResult, float]] = field(default_factory=dict)
 
 
@@ -77,31 +80,42 @@ class Bench:
             shown = " ".join(flags) or "no flags"
             say(f"artifact {name} ({shown}): {describe_artifact(path)}; {took}: {path}")
             self.artifacts[name] = path
-        self.rates: list[float] = []  # bf16 matmul FLOP/s summed over the cores, per round
-        self.cpu_rates: list[float] = []  # the same per CPU-second of one core, per round
+        self.samples: list[ideal.MatmulSample] = []  # bf16 matmul rates, every round
 
     def matmul(self, rounds: int) -> None:
-        rates = measure.matmul_rates(rounds, MATMUL_SECONDS)
-        self.rates += [wall for wall, _ in rates]
-        self.cpu_rates += [cpu for _, cpu in rates]
-        shown = ", ".join(f"{w / 1e9:.0f} ({c / 1e9:.0f} per CPU-second)" for w, c in rates)
-        say(f"(d) bf16 matmul: {shown} GFLOP/s")
+        for _ in range(rounds):
+            found = ideal.sample(self.config, MATMUL_SECONDS)
+            self.samples += found
+            top = ideal.best(found)
+            say(
+                f"(d) bf16 matmul: best {top.flops_per_s / 1e9:.0f} GFLOP/s, {top.shape}, "
+                f"{top.mode}; best so far {self.rate / 1e9:.0f}"
+            )
+
+    @property
+    def rate(self) -> float:
+        """(d)'s rate: the best matmul sample of the run."""
+        return ideal.best(self.samples).flops_per_s
+
+    @property
+    def cpu_rate(self) -> float:
+        return ideal.best_per_cpu_second(self.samples)
 
     def flops(self, documents: int) -> float:
         return measure.encoder_flops(self.config, self.real[:documents])
 
     def ideal_seconds(self, documents: int) -> float:
         """(d)'s time for the first `documents` documents."""
-        return self.flops(documents) / statistics.median(self.rates)
+        return self.flops(documents) / self.rate
 
     def quiet(self, documents: int, seconds: float, use: measure.CpuUse | None) -> float | None:
         """Fraction of (d) had no other process run: the replicas' time spent preempted is
-        taken off, and the ideal uses the matmul's rate per CPU-second."""
+        taken off, and the ideal uses the matmul's best rate per CPU-second."""
         if use is None:
             return None
         alone = seconds - sum(use.preempted) / len(use.preempted)
-        ideal = self.flops(documents) / (self.cores * statistics.median(self.cpu_rates))
-        return ideal / max(alone, 1e-9)
+        best = self.flops(documents) / (self.cores * self.cpu_rate)
+        return best / max(alone, 1e-9)
 
     def run(self, name: str, input_dir: Path, output_dir: Path) -> tuple[measure.RunResult, float]:
         with measure.OtherLoad() as others:

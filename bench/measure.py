@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
 import resource
 import subprocess
@@ -18,8 +17,6 @@ from typing import Any
 import numpy as np
 
 _TICK = os.sysconf("SC_CLK_TCK")
-# (d)'s matmul: one FFN-sized product, the shape the encoder spends most of its time in.
-MATMUL_M, MATMUL_K, MATMUL_N = 1024, 768, 3072
 
 
 # -- where a process tree's time goes (from /proc, sampled) -----------------------------------
@@ -131,38 +128,6 @@ class OtherLoad:
             for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
         )
         return busy, own, time.perf_counter()
-
-
-# -- (a) Hugging Face pipeline ----------------------------------------------------------------
-
-
-class HfPipeline:
-    """transformers' `pipeline("text-classification")` in bf16 on `threads` threads."""
-
-    CHUNK = 48  # documents per call: the time budget is checked between calls
-
-    def __init__(self, model: Path, threads: int, max_length: int) -> None:
-        import torch
-        from transformers import pipeline
-
-        torch.set_num_threads(threads)
-        self.pipe = pipeline(
-            "text-classification", model=str(model), dtype=torch.bfloat16, device="cpu"
-        )
-        self.options = {"truncation": True, "max_length": max_length}
-
-    def time(self, texts: list[str], batch_size: int, budget: float) -> tuple[int, float]:
-        """(documents, seconds): the first documents of `texts`, in order, classified until
-        all are done or `budget` seconds have passed (a busy machine slows a multi-threaded
-        eager model down many times)."""
-        self.pipe(texts[:16], batch_size=batch_size, **self.options)  # warm-up
-        done, started = 0, time.perf_counter()
-        while done < len(texts) and time.perf_counter() - started < budget:
-            chunk = texts[done : done + self.CHUNK]
-            out = self.pipe(chunk, batch_size=batch_size, **self.options)
-            assert len(out) == len(chunk), (len(out), len(chunk))
-            done += len(chunk)
-        return done, time.perf_counter() - started
 
 
 # -- (b) and the reference: `batchjob run` end to end ----------------------------------------
@@ -307,51 +272,7 @@ async def _time_pool(
     return seconds, cpu
 
 
-# -- (d) the hardware: bf16 matmul rate on every core at once ---------------------------------
-
-
-def _matmul_worker(cpu: int, rounds: int, seconds: float, barrier: Any, results: Any) -> None:
-    os.sched_setaffinity(0, {cpu})
-    import torch
-
-    torch.set_num_threads(1)
-    a = torch.randn(MATMUL_M, MATMUL_K).to(torch.bfloat16)
-    b = torch.randn(MATMUL_K, MATMUL_N).to(torch.bfloat16)
-    out = torch.empty(MATMUL_M, MATMUL_N, dtype=torch.bfloat16)
-    for _ in range(5):
-        torch.mm(a, b, out=out)
-    flops = 2 * MATMUL_M * MATMUL_K * MATMUL_N
-    rates = []
-    for _ in range(rounds):
-        barrier.wait()
-        n, started, cpu_started = 0, time.perf_counter(), time.thread_time()
-        while (elapsed := time.perf_counter() - started) < seconds:
-            torch.mm(a, b, out=out)
-            n += 1
-        rates.append((flops * n / elapsed, flops * n / (time.thread_time() - cpu_started)))
-    results.put(rates)
-
-
-def matmul_rates(rounds: int, seconds: float) -> list[tuple[float, float]]:
-    """Per round, the bf16 matmul's FLOP/s summed over one pinned 1-thread process per core,
-    and its FLOPs per CPU-second of one core (which other processes' load barely changes)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(len(cpus)), ctx.Queue()
-    procs = [
-        ctx.Process(target=_matmul_worker, args=(c, rounds, seconds, barrier, results))
-        for c in cpus
-    ]
-    for p in procs:
-        p.start()
-    per_core = np.array([results.get(timeout=120 + rounds * seconds) for _ in procs])
-    for p in procs:
-        p.join()
-    # per_core: (cores, rounds, 2)
-    return [
-        (float(w), float(c))
-        for w, c in zip(per_core[..., 0].sum(0), per_core[..., 1].mean(0), strict=True)
-    ]
+# -- (d) the FLOPs the ideal counts --------------------------------------------------------
 
 
 def encoder_flops(config: dict[str, Any], lengths: np.ndarray) -> float:
