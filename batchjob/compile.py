@@ -38,7 +38,13 @@ from batchjob.config import (
     resolve_shapes,
 )
 from batchjob.errors import BatchJobError, UsageError
-from batchjob.graphs import EncoderGraph, position_offset, supports_packing
+from batchjob.graphs import (
+    ATTENTION_BMM,
+    ATTENTION_SDPA,
+    EncoderGraph,
+    position_offset,
+    supports_packing,
+)
 from batchjob.models import LoadedModel, infer_task, load_model
 from batchjob.staging import make_staging, publish, remove_abandoned_staging
 
@@ -85,12 +91,14 @@ def packed_example(
 
 @dataclass(frozen=True)
 class Plan:
-    """What to compile: the strategy its batcher uses, its shapes, and packing's settings."""
+    """What to compile: the strategy its batcher uses, its shapes, packing's settings, and
+    how the graphs compute attention (graphs.ATTENTIONS)."""
 
     strategy: str
     shapes: tuple[Shape, ...]
     max_segments: int = 1
     position_offset: int = 0
+    attention: str = ATTENTION_SDPA
 
 
 def plan(spec: CompileSpec, loaded: LoadedModel) -> Plan:
@@ -119,7 +127,13 @@ def plan(spec: CompileSpec, loaded: LoadedModel) -> Plan:
         shape = Shape(length, max(1, DEFAULT_MAX_BATCH_TOKENS // length))
     short = int(np.percentile(lengths, 10)) if lengths is not None and len(lengths) else 8
     segments = spec.max_segments or min(64, max(1, shape.seq_len // max(2, short)))
-    return Plan("packing", (shape,), segments, position_offset(config))
+    # Batched matmuls beat SDPA's flash kernel 2x in a packed bf16 CPU graph (BENCHMARKS.md);
+    # fp32 keeps the model's own SDPA, and the Neuron compilers choose their own kernels.
+    # The choice follows from the backend and the resolved dtype, which the compile cache
+    # key holds (and graphs.py's source, in its code digest).
+    bmm = spec.backend == "cpu" and resolve_dtype(spec) == "bf16"
+    attention = ATTENTION_BMM if bmm else ATTENTION_SDPA
+    return Plan("packing", (shape,), segments, position_offset(config), attention)
 
 
 def _length_for(lengths: np.ndarray, limit: int) -> int:
@@ -187,7 +201,7 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
     )
     chosen = plan(spec, loaded)
     packed = chosen.strategy == "packing"
-    graph = EncoderGraph(loaded, uses_token_types, packed).eval()
+    graph = EncoderGraph(loaded, uses_token_types, packed, chosen.attention).eval()
 
     staging = make_staging(output)
     try:

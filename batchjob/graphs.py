@@ -11,6 +11,11 @@ logic of the model is frozen into the trace. The packed graph applies the model'
 to each segment: for classification the first token of the segment through the family's
 pooler and classifier (or its mean, where the model pools by mean); for embeddings the
 model's pooling over the segment's real tokens.
+
+For the families mirrored here, attention can be computed as two batched matmuls
+(`ATTENTION_BMM`) instead of the model's SDPA: in a packed bf16 bert-base graph on one CPU
+thread that halves attention's time (SDPA's flash kernel for CPU is slow in bf16 at these
+lengths) and `batchjob run` is ~6% faster end to end (BENCHMARKS.md, "The graph").
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ import torch
 from torch import nn
 
 from batchjob.models import LoadedModel
+
+ATTENTION_SDPA = "sdpa"  # the model's own attention implementation, as loaded
+ATTENTION_BMM = "bmm"  # bmm_attention below
+ATTENTIONS = (ATTENTION_SDPA, ATTENTION_BMM)
+_BMM_NAME = "batchjob_bmm"
 
 # Families whose encoder honours a 4-D mask and explicit position ids, and whose heads are
 # mirrored below; packed == unpacked is proven for each in tests/test_packing.py.
@@ -85,10 +95,59 @@ def pool(
     return pooled
 
 
+def bmm_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Softmax(Q Kᵀ · scale + mask) V as baddbmm, softmax, bmm over (batch × heads).
+
+    The additive mask and the scale ride in the first matmul; the output is laid out as the
+    models' attention functions return it, (B, S, heads, D). Eval only: no dropout.
+    """
+    b, h, s, d = query.shape
+    n = key.shape[2]
+    scale = scaling if scaling is not None else d**-0.5
+    q = query.reshape(b * h, s, d)
+    k = key.reshape(b * h, n, d).transpose(1, 2)
+    if attention_mask is None:
+        scores = torch.bmm(q, k) * scale
+    else:
+        # A view when the mask comes expanded over the heads already (EncoderGraph does that
+        # once for every layer), else a copy per layer.
+        bias = attention_mask[..., :n].expand(b, h, s, n).reshape(b * h, s, n)
+        scores = torch.baddbmm(bias.to(q.dtype), q, k, alpha=scale)
+    out = torch.bmm(scores.softmax(dim=-1), value.reshape(b * h, n, d))
+    return out.view(b, h, s, d).transpose(1, 2).contiguous(), None
+
+
+def use_attention(model: Any, attention: str) -> None:
+    """Make `model` (loaded for tracing) compute attention the `attention` way."""
+    if attention == ATTENTION_SDPA:
+        return
+    if attention != ATTENTION_BMM:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_BMM_NAME, bmm_attention)
+    model.set_attn_implementation(_BMM_NAME)
+
+
 class EncoderGraph(nn.Module):
     """Buckets (`packed=False`, one record per row) or packing (up to K records per row)."""
 
-    def __init__(self, loaded: LoadedModel, uses_token_types: bool, packed: bool) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        uses_token_types: bool,
+        packed: bool,
+        attention: str = ATTENTION_SDPA,
+    ) -> None:
         super().__init__()
         self.model: Any = loaded.model
         self.config = loaded.config
@@ -101,6 +160,11 @@ class EncoderGraph(nn.Module):
         # other (buckets only) gets its usual 2-D mask and runs whole.
         self.mirrored = packed or supports_packing(loaded.config)
         self.dtype = next(loaded.model.parameters()).dtype
+        if attention != ATTENTION_SDPA and not self.mirrored:
+            raise ValueError(f"attention {attention!r} needs a family packing supports")
+        use_attention(self.model, attention)
+        self.attention = attention
+        self.heads = int(getattr(loaded.config, "num_attention_heads", 0) or loaded.config.n_heads)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -110,9 +174,10 @@ class EncoderGraph(nn.Module):
             position_ids, segment_index = None, torch.zeros_like(input_ids[:, :1])
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": segment_ids}
         if self.mirrored:
-            kwargs["attention_mask"] = attention_mask(
-                self.config, self.keep(segment_ids), self.dtype
-            )
+            mask = attention_mask(self.config, self.keep(segment_ids), self.dtype)
+            if self.attention == ATTENTION_BMM:
+                mask = self.per_head(mask)
+            kwargs["attention_mask"] = mask
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if self.uses_token_types:
@@ -134,6 +199,13 @@ class EncoderGraph(nn.Module):
         else:
             out = pool(hidden.float(), member, self.pooling, self.normalize)
         return out if self.packed else out[:, 0]
+
+    def per_head(self, mask: Any) -> Any:
+        """The mask expanded over the heads once, so that no layer copies it again."""
+        if isinstance(mask, dict):
+            return {name: self.per_head(m) for name, m in mask.items()}
+        b, _, s, n = mask.shape
+        return mask.expand(b, self.heads, s, n).contiguous()
 
     def keep(self, segment_ids: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) bool: a token sees the tokens of its own segment."""

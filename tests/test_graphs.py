@@ -1,0 +1,121 @@
+"""Attention as batched matmuls (graphs.ATTENTION_BMM): the same outputs as the model's own.
+
+Packed bf16 graphs on CPU compute attention with baddbmm/softmax/bmm (compile.plan chooses
+it); every packing family is checked here as tests/test_packing.py checks SDPA: each
+document's packed output against the eager model run on it alone, in fp32 (bmm forced) to
+1e-5, and in bf16 (the default choice) to the bf16 tolerance of tests/test_compile.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from batchjob import compile as compiling
+from batchjob.batching import Shape
+from batchjob.compile import compile_artifact, plan
+from batchjob.config import CompileSpec
+from batchjob.graphs import ATTENTION_BMM, ATTENTION_SDPA, bmm_attention
+from batchjob.models import load_model
+from tests.conftest import make_texts
+from tests.test_compile import cosine
+from tests.test_packing import build, eager_outputs, packed_outputs
+
+FAMILIES = ["bert", "distilbert", "roberta", "xlm-roberta", "electra", "modernbert"]
+SHAPE = Shape(64, 3)
+
+
+def spy_attention(monkeypatch: pytest.MonkeyPatch, force: str | None = None) -> list[str]:
+    """The attention every compile plans (forced to `force` when given)."""
+    chosen: list[str] = []
+    original = compiling.plan
+
+    def planned(spec: CompileSpec, loaded: Any) -> compiling.Plan:
+        found = original(spec, loaded)
+        if force is not None:
+            found = dataclasses.replace(found, attention=force)
+        chosen.append(found.attention)
+        return found
+
+    monkeypatch.setattr(compiling, "plan", planned)
+    return chosen
+
+
+def test_bmm_attention_equals_sdpa() -> None:
+    torch.manual_seed(0)
+    b, h, s, d = 2, 4, 16, 8
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+    keep = torch.rand(b, 1, s, s) > 0.3
+    keep |= torch.eye(s, dtype=torch.bool)  # no empty row
+    mask = (~keep).float() * torch.finfo(torch.float32).min
+    module = torch.nn.Module()
+    for given in (mask, mask.expand(b, h, s, s).contiguous(), None):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=given)
+        got, weights = bmm_attention(module, q, k, v, given)
+        assert weights is None
+        assert got.shape == (b, s, h, d)  # laid out as the models' attention functions return
+        torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=0)
+    got, _ = bmm_attention(module, q, k, v, mask, scaling=0.5)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_bmm_packed_equals_each_document_alone_fp32(
+    kind: str, task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chosen = spy_attention(monkeypatch, force=ATTENTION_BMM)
+    model_dir = build(kind, task, tmp_path)
+    spec = CompileSpec(model=str(model_dir), task=task, dtype="fp32", shapes=(SHAPE,), packing=True)
+    artifact = compile_artifact(spec, str(tmp_path / "artifact"))
+    assert chosen == [ATTENTION_BMM]
+    texts = make_texts(40, seed=7, max_words=30)
+    got, _ = packed_outputs(artifact, texts)
+    want = eager_outputs(model_dir, task, texts, artifact.max_length)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_bf16_packed_graph_uses_bmm_and_matches_eager(
+    kind: str, task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chosen = spy_attention(monkeypatch)
+    model_dir = build(kind, task, tmp_path)
+    spec = CompileSpec(model=str(model_dir), task=task, dtype="bf16", shapes=(SHAPE,), packing=True)
+    artifact = compile_artifact(spec, str(tmp_path / "artifact"))
+    assert chosen == [ATTENTION_BMM]
+    texts = make_texts(40, seed=7, max_words=30)
+    got, _ = packed_outputs(artifact, texts)
+    want = eager_outputs(model_dir, task, texts, artifact.max_length)  # fp32, each alone
+    assert cosine(got, want).min() >= 0.99
+    if task == "text-classification":
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "packing", "attention"),
+    [
+        ("cpu", "bf16", True, ATTENTION_BMM),
+        ("cpu", "fp32", True, ATTENTION_SDPA),
+        ("cpu", "bf16", False, ATTENTION_SDPA),  # buckets: the model's own attention
+        ("neuronx", "bf16", True, ATTENTION_SDPA),  # the Neuron compiler picks its kernels
+    ],
+)
+def test_plan_chooses_attention_from_backend_and_dtype(
+    classifier_dir: Path, backend: str, dtype: str, packing: bool, attention: str
+) -> None:
+    """A function of the backend and the resolved dtype, which the compile cache key holds
+    (test_compile.py::test_cache_key_changes_with_every_option)."""
+    spec = CompileSpec(
+        model=str(classifier_dir), backend=backend, dtype=dtype, shapes=(SHAPE,), packing=packing
+    )
+    weights = torch.bfloat16 if dtype == "bf16" else torch.float32
+    loaded = load_model(spec.model, "text-classification", weights, "auto", True)
+    assert plan(spec, loaded).attention == attention
