@@ -27,7 +27,7 @@ lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet torch==2.13.0
-	.venv-lock/bin/pip install --quiet -e '.[dev]'
+	.venv-lock/bin/pip install --quiet -e '.[dev,bench]'
 	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | grep -vi '^torch=='; } > constraints.new
 	mv constraints.new constraints.txt
 	rm -rf .venv-lock
@@ -45,8 +45,14 @@ demo: install
 		--task feature-extraction --cache-dir .cache --input examples/corpus --output out/demo
 	$(BIN)/python examples/show.py out/demo
 
+# The bench's peers (Ray Data) are its own extra: `make install` and `make test` never need them.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	touch $@
+
 # Each script compares with `batchjob run` measured in the same script, on the same corpus.
-bench: install
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/serve_bench.py
 	$(BIN)/python bench/s3_bench.py

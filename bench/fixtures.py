@@ -143,7 +143,7 @@ def _ensure_bert(path: Path, shape: dict[str, int]) -> Path:
     return path
 
 
-def _artifact_key(flags: list[str]) -> str:
+def artifact_key(flags: list[str]) -> str:
     import batchjob
 
     package = Path(batchjob.__file__).parent
@@ -162,7 +162,7 @@ def _artifact_key(flags: list[str]) -> str:
 
 def ensure_artifact(root: Path, model: Path, name: str, flags: list[str]) -> tuple[Path, bool]:
     """`batchjob compile --model MODEL FLAGS...`, cached; (path, whether it was compiled now)."""
-    path = root / "artifacts" / f"{name}-{_artifact_key(flags)}"
+    path = root / "artifacts" / f"{name}-{artifact_key(flags)}"
     if (path / "batchjob.json").exists():
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Where a compiled graph's time goes: torch.profiler over the bench's batches, one thread.
 
-    python bench/profile_graph.py [--flags='--packing ...'] [--batches 6] [--fuser onednn]
+    python bench/profile_graph.py [--flags='--packing ...' | --artifact PATH] [--batches 6]
+                                  [--fuser onednn]
 
 One process pinned to one CPU with one torch thread (a replica's setting), the bench's
 corpus batched as `run` batches it, a few batches to warm up, then N batches profiled. Every
@@ -72,6 +73,7 @@ def category(name: str) -> str:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--flags", default="", help="compile flags of the artifact ('' = default)")
+    p.add_argument("--artifact", type=Path, help="profile this artifact instead (--flags unused)")
     p.add_argument("--docs", type=int, default=2400)
     p.add_argument("--batches", type=int, default=6, help="batches profiled (6)")
     p.add_argument("--fuser", choices=("default", "onednn", "nnc"), default="default")
@@ -120,7 +122,10 @@ def main() -> int:
     model = fixtures.ensure_model(root)
     config = json.loads((model / "config.json").read_text())
     flags = shlex.split(args.flags)
-    path, _ = fixtures.ensure_artifact(root, model, "profile" if flags else "default", flags)
+    if args.artifact:
+        path = args.artifact
+    else:
+        path, _ = fixtures.ensure_artifact(root, model, "profile" if flags else "default", flags)
     artifact = load_artifact(str(path))
     if artifact.strategy != "packing":
         raise SystemExit("profile_graph.py profiles packed artifacts (one graph)")
