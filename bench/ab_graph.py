@@ -7,7 +7,9 @@ variants' runs alternating, medians compared.
 Each `--attention` value compiles the default artifact with that attention implementation
 (graphs.ATTENTIONS, forced past compile.plan's own choice); each `--variant` compiles with
 the given flags (the default attention). Every artifact is compiled once into the bench
-cache, then `batchjob run` (start-up included) runs each in turn, `--repeats` rounds.
+cache, then `batchjob run` (start-up included) runs each in turn, `--repeats` rounds. Each
+`--code NAME=DIR` runs the default artifact with the batchjob package found under DIR (e.g.
+`git archive HEAD batchjob | tar -x -C DIR`): a runtime change against the code before it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -32,6 +35,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attention", default="", help="comma-separated: sdpa,bmm")
     p.add_argument("--variant", action="append", default=[], help="NAME='--flags ...'")
+    p.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        help="NAME=DIR: the default artifact, run by the batchjob package under DIR",
+    )
     p.add_argument("--json", type=Path)
     return p.parse_args()
 
@@ -67,8 +76,14 @@ def main() -> int:
     for spec in args.variant:
         name, _, flags = spec.partition("=")
         artifacts[name], _ = fixtures.ensure_artifact(root, model, name, shlex.split(flags))
+    code: dict[str, str] = {}
+    for spec in args.code:
+        name, _, directory = spec.partition("=")
+        artifacts[name], _ = fixtures.ensure_artifact(root, model, "default", [])
+        code[name] = str(Path(directory).resolve())
     for name, path in artifacts.items():
         say(f"{name}: {describe_artifact(path)}: {path}")
+    pythonpath = os.environ.get("PYTHONPATH", "")
     corpus = fixtures.make_corpus(args.docs)
     cpu = Path("/proc/cpuinfo").read_text().splitlines()
     family = next(ln.split(":")[1].strip() for ln in cpu if ln.startswith("cpu family"))
@@ -79,6 +94,7 @@ def main() -> int:
         for i in range(args.repeats):
             for name, path in artifacts.items():
                 out = Path(tmp) / f"out-{i}-{name.replace(' ', '_')}"
+                os.environ["PYTHONPATH"] = code.get(name, pythonpath)  # `batchjob run` imports
                 with measure.OtherLoad() as others:
                     result = measure.batchjob_run(path, corpus_dir, out)
                 times[name].append(result.wall_seconds)
