@@ -51,15 +51,14 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	touch $@
 
-# Each script compares with `batchjob run` measured in the same script, on the same corpus.
+# Each script compares with `batchjob run` measured in the same script, on the same corpus,
+# prints its targets and exits 1 if one is missed; every script runs, and `make bench` fails
+# at the end if any missed.
+BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench
 bench: $(BENCH_STAMP)
-	$(BIN)/python bench/bench.py
-	$(BIN)/python bench/serve_bench.py
-	$(BIN)/python bench/s3_bench.py
-	$(BIN)/python bench/sqs_bench.py
-	$(BIN)/python bench/memory_bench.py
-	$(BIN)/python bench/startup_bench.py
-	$(BIN)/python bench/weights_bench.py
+	@missed=""; for b in $(BENCHES); do \
+		echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || missed="$$missed $$b"; \
+	done; if [ -n "$$missed" ]; then echo "targets missed in:$$missed"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) .venv-lock .cache out .mypy_cache .ruff_cache .pytest_cache .hypothesis

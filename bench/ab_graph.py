@@ -85,8 +85,7 @@ def main() -> int:
         say(f"{name}: {describe_artifact(path)}: {path}")
     pythonpath = os.environ.get("PYTHONPATH", "")
     corpus = fixtures.make_corpus(args.docs)
-    cpu = Path("/proc/cpuinfo").read_text().splitlines()
-    family = next(ln.split(":")[1].strip() for ln in cpu if ln.startswith("cpu family"))
+    family = fixtures.cpu_info().get("cpu family", "?")
     times: dict[str, list[float]] = {name: [] for name in artifacts}
     with tempfile.TemporaryDirectory(prefix="batchjob-ab-") as tmp:
         corpus_dir = Path(tmp) / "corpus"

@@ -44,6 +44,20 @@ _GRAPH_SOURCES = (
 )
 
 
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo."""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        lines = f.read().split("\n\n", 1)[0].splitlines()
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+
+
+def cpu_family() -> str:
+    """`cpu family 25, AMD EPYC ...`: every figure names it, as Zen 4 (family 25) and Zen 5
+    (26) differ 2x in bf16."""
+    info = cpu_info()
+    return f"cpu family {info.get('cpu family', '?')}, {info.get('model name', '?')}"
+
+
 def cache_root(repo: Path) -> Path:
     return repo / ".cache" / "bench" / f"v{CACHE_VERSION}"
 

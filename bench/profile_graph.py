@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import fixtures
+import measure
 from context import REPO
 
 CATEGORIES = {
@@ -113,10 +114,8 @@ def main() -> int:
         torch._C._jit_set_texpr_fuser_enabled(True)
     from torch.profiler import ProfilerActivity, profile
 
-    from batchjob.artifact import PACKED_INPUTS, load_artifact
-    from batchjob.batching import Item, make_batcher
-    from batchjob.records import Record
-    from batchjob.tokens import RecordTokenizer
+    from batchjob.artifact import PACKED_INPUTS, map_weights
+    from batchjob.backends import get_backend
 
     root = fixtures.cache_root(REPO)
     model = fixtures.ensure_model(root)
@@ -126,25 +125,13 @@ def main() -> int:
         path = args.artifact
     else:
         path, _ = fixtures.ensure_artifact(root, model, "profile" if flags else "default", flags)
-    artifact = load_artifact(str(path))
+    corpus = fixtures.make_corpus(args.docs)
+    artifact, batches = measure.run_batches(path, corpus.ids, corpus.texts)
     if artifact.strategy != "packing":
         raise SystemExit("profile_graph.py profiles packed artifacts (one graph)")
-    corpus = fixtures.make_corpus(args.docs)
-    tokenizer = RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
-    records = [Record(i, t) for i, t in zip(corpus.ids, corpus.texts, strict=True)]
-    encoded = tokenizer.encode(records)
-    batcher = make_batcher(
-        artifact.strategy,
-        artifact.shapes,
-        max_segments=artifact.max_segments,
-        position_offset=artifact.position_offset,
-        sort_window=4096,
-        pad_id=tokenizer.pad_id,
-    )
-    items = [Item(i, e.ids, e.type_ids) for i, e in enumerate(encoded) if e is not None]
-    batches = batcher.add(items) + batcher.flush()
     inputs = [tuple(torch.from_numpy(b.arrays[n]) for n in PACKED_INPUTS) for b in batches]
-    graph = torch.jit.load(artifact.graph_path(artifact.shapes[0]), map_location="cpu")
+    weights = map_weights(artifact.weights_path) if artifact.weights_path else {}
+    graph = get_backend(artifact.backend).load(artifact.graph_path(artifact.shapes[0]), weights)
     warm, n = 3, args.batches
     if len(inputs) < warm + 2 * n:
         raise SystemExit(f"{len(inputs)} batches: too few for --batches {n}")
@@ -171,8 +158,7 @@ def main() -> int:
         "linear layers": 2 * tokens * layers * (4 * h * h + 2 * h * ffn),
         "attention (QKᵀ, softmax, AV)": 4 * shape.batch_size * shape.seq_len**2 * h * layers,
     }
-    cpu = Path("/proc/cpuinfo").read_text().splitlines()
-    family = next(ln.split(":")[1].strip() for ln in cpu if ln.startswith("cpu family"))
+    family = fixtures.cpu_info().get("cpu family", "?")
     print(
         f"{artifact.strategy} {shape.batch_size}x{shape.seq_len}, up to {artifact.max_segments} "
         f"docs a row, fuser {args.fuser}; cpu family {family}; {n} batches profiled; "

@@ -20,20 +20,12 @@ import threading
 import time
 from typing import Any
 
+import fixtures
 import numpy as np
 from serve_bench import Server, ping_while
 
 SAMPLE_INTERVAL = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_family() -> str:
-    """`AMD EPYC, family 25` from /proc/cpuinfo: the figures differ by generation."""
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        fields = dict(
-            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in f) if v.strip()
-        )
-    return f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')}"
 
 
 def _tree(root: int) -> list[int]:
@@ -174,7 +166,8 @@ def describe(result: dict[str, Any]) -> list[str]:
     growth = result["rss_peak_mb"] - result["rss_idle_mb"]
     at_once = min(result["slots"] or result["clients"], result["clients"])
     return [
-        f"serve memory ({cpu_family()}): {result['clients']} clients x 1 MultiRecord request "
+        f"serve memory ({fixtures.cpu_family()}): {result['clients']} clients x 1 MultiRecord "
+        f"request "
         f"of {result['payload_bytes'] / 1e6:.1f} MB ({result['records_per_request']} records), "
         f"{result['slots']} requests at once: peak RSS of the process tree "
         f"{result['rss_peak_mb']:.0f} MB (idle {result['rss_idle_mb']:.0f} MB, "

@@ -86,14 +86,6 @@ print(json.dumps({"torch": imported - began, "shapes": shapes}))
 """
 
 
-def cpu_family() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        info = dict(
-            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in f) if v.strip()
-        )
-    return f"cpu family {info.get('cpu family', '?')}, {info.get('model name', '?')}"
-
-
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -173,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    say(f"{cpu_family()}, {len(os.sched_getaffinity(0))} CPUs")
+    say(f"{fixtures.cpu_family()}, {len(os.sched_getaffinity(0))} CPUs")
 
     root = fixtures.cache_root(REPO)
     minilm = fixtures.tokenizer_source()  # the MiniLM package's model directory
@@ -202,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"Start-up of `batchjob run`, {args.docs} documents in 4 shards, "
-          f"{len(os.sched_getaffinity(0))} replicas; {cpu_family()}. Seconds after the "
+          f"{len(os.sched_getaffinity(0))} replicas; {fixtures.cpu_family()}. Seconds after the "
           f"process started, median of {args.runs} runs (min–max).")  # fmt: skip
     print()
     names = list(artifacts)

@@ -36,20 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fixtures
 import numpy as np
 
 TARGETS = {"disk": 1.1, "weights_once": 1.1, "two_replicas": 1.35, "buckets": 0.1}
 TARGETS["speed"] = 0.98  # shared ÷ constants, docs/s
 MB = 1 << 20
 MAPPING = re.compile(r"[0-9a-f]+-[0-9a-f]+ ")
-
-
-def cpu_family() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        info = dict(
-            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in f) if v.strip()
-        )
-    return f"cpu family {info.get('cpu family', '?')}, {info.get('model name', '?')}"
 
 
 def smaps(pid: int, path: str | None = None) -> dict[str, int]:
@@ -214,13 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(_probe(how, path, int(replicas)))))
         return 0
 
-    import fixtures
     import measure
     from context import REPO, say
 
     from batchjob.artifact import ArtifactLoader
 
-    say(f"{cpu_family()}, {len(os.sched_getaffinity(0))} CPUs")
+    say(f"{fixtures.cpu_family()}, {len(os.sched_getaffinity(0))} CPUs")
     root = fixtures.cache_root(REPO)
     model = fixtures.ensure_model(root)
     packed = fixtures.ensure_artifact(root, model, "default", [])[0]
