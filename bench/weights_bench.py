@@ -82,7 +82,11 @@ class ConstantsLoader:
     def __call__(self) -> Any:
         import batchjob.backends.cpu as cpu
 
-        cpu.BACKEND = cpu.CpuBackend(weights_as_constants=True)  # this replica only
+        class Constants(cpu.CpuBackend):
+            def load(self, path: str, weights: Any) -> Any:
+                return cpu.with_private_weights(super().load(path, weights))
+
+        cpu.BACKEND = Constants()  # this replica only
         return self.inner()
 
 
@@ -153,18 +157,17 @@ def call_times(path: Path, calls: int) -> dict[str, dict[str, float]]:
     import torch
 
     from batchjob.artifact import BUCKET_INPUTS, PACKED_INPUTS, load_artifact, map_weights
-    from batchjob.backends.cpu import CpuBackend
+    from batchjob.backends.cpu import BACKEND, with_private_weights
 
     artifact = load_artifact(str(path))
     weights = map_weights(str(path / "weights.pt"))
     names = PACKED_INPUTS if artifact.strategy == "packing" else BUCKET_INPUTS
     medians = {}
     for shape in artifact.shapes:
+        graph = artifact.graph_path(shape)
         graphs = {
-            how: CpuBackend(weights_as_constants=how == "constants").load(
-                artifact.graph_path(shape), weights
-            )
-            for how in ("shared", "constants")
+            "shared": BACKEND.load(graph, weights),
+            "constants": with_private_weights(BACKEND.load(graph, weights)),
         }
         arrays = random_batch(artifact, shape, np.random.default_rng(0))
         inputs = [torch.from_numpy(arrays[name]) for name in names]

@@ -18,7 +18,12 @@ import torch
 
 from batchjob.artifact import BUCKET_INPUTS, ArtifactLoader, load_artifact, map_weights
 from batchjob.artifact_manifest import WEIGHTS_FILE
-from batchjob.backends.cpu import BACKEND, MIN_SHARED_BYTES, WEIGHT_NAMES, CpuBackend
+from batchjob.backends.cpu import (
+    BACKEND,
+    MIN_SHARED_BYTES,
+    WEIGHT_NAMES,
+    with_private_weights,
+)
 from batchjob.errors import BatchJobError
 from batchjob.replica_process import Placement
 from batchjob.replicas import ReplicaPool
@@ -160,11 +165,13 @@ def test_weights_as_constants_is_the_same_model_with_its_own_copy(
     artifact = compiled(classifier_dir)
     weights = map_weights(str(Path(artifact.path) / WEIGHTS_FILE))
     ranges = mapped_ranges(str(Path(artifact.path) / WEIGHTS_FILE))
-    constants_backend = CpuBackend(weights_as_constants=True)
     rng = np.random.default_rng(0)
     for shape in artifact.shapes:
         path = artifact.graph_path(shape)
-        shared, constants = BACKEND.load(path, weights), constants_backend.load(path, weights)
+        shared, constants = (
+            BACKEND.load(path, weights),
+            with_private_weights(BACKEND.load(path, weights)),
+        )
         assert not [n for n in constants.graph.nodes() if n.kind() == "prim::GetAttr"]
         folded = [
             n.t("value")

@@ -38,10 +38,6 @@ class CpuBackend:
     name: str = "cpu"
     device: str = "cpu"
     shares_weights: bool = True
-    # Load each graph with a private copy of its weights frozen back in as constants, as
-    # format 2 held them: the A/B of bench/weights_bench.py, not a user's option (the shared
-    # weights were as fast there, within the ±4% the machine's other load makes of it).
-    weights_as_constants: bool = False
 
     def trace(
         self,
@@ -77,12 +73,17 @@ class CpuBackend:
             if tensor is None:
                 raise BatchJobError(f"{path}: needs {name}, which the weights file lacks")
             module._c.setattr(name, tensor)
-        if self.weights_as_constants:
-            for name in module._c.getattr(WEIGHT_NAMES):
-                module._c.setattr(name, module._c.getattr(name).clone())
-            frozen: torch.jit.ScriptModule = torch.jit.freeze(module.eval())
-            return frozen
         return module.eval()
+
+
+def with_private_weights(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A loaded graph frozen again with a private copy of its weights as constants, as
+    format 2 held them: what bench/weights_bench.py compares the shared weights with (they
+    were as fast, within the ±4% the machine's other load makes of it), not a user's option."""
+    for name in module._c.getattr(WEIGHT_NAMES):
+        module._c.setattr(name, module._c.getattr(name).clone())
+    frozen: torch.jit.ScriptModule = torch.jit.freeze(module)
+    return frozen
 
 
 def lift_weights(module: torch.jit.ScriptModule) -> list[str]:
