@@ -406,3 +406,47 @@ def test_a_stopped_fork_server_is_started_again_by_the_next_pool() -> None:
             return check(await pool.run(batch(4)), 4)
 
     assert asyncio.run(asyncio.wait_for(main(), 45)) != os.getpid()
+
+
+def _gone(pids: set[int], seconds: float = 10.0) -> set[int]:
+    """Those of `pids` still running after up to `seconds` (orphans are reaped by init)."""
+    deadline = time.monotonic() + seconds
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        time.sleep(0.05)
+    return alive
+
+
+def test_a_killed_fork_server_costs_restarts_not_results() -> None:
+    """SIGKILL to the fork server (the OOM killer may pick it): the pool can no longer learn
+    how its replicas end, takes them as dead, starts new ones from a new server and runs
+    their batches again; every result is right and the old replicas don't linger."""
+    import multiprocessing.forkserver
+
+    before = snapshot()
+    placements = [Placement(0, (CPUS[0],)), Placement(1, (CPUS[-1],))]
+
+    async def main() -> tuple[set[int], list[np.ndarray], int]:
+        async with ReplicaPool(Toy(), placements) as pool:
+            await all_ready(pool)
+            first = {check(await pool.run(batch(i)), i) for i in range(8)}
+            server = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+            os.kill(server, signal.SIGKILL)
+            for _ in range(1000):  # polled: the pool notices within moments (10 s at most)
+                if pool.restarts:
+                    break
+                await asyncio.sleep(0.01)
+            outs = await asyncio.gather(*(pool.run(batch(i)) for i in range(20)))
+            return first, outs, pool.restarts
+
+    first, outs, restarts = asyncio.run(asyncio.wait_for(main(), 60))
+    for i, out in enumerate(outs):
+        check(out, i)
+    assert restarts >= 1
+    assert _gone(first) == set()
+    assert leftovers(before) == []
