@@ -28,7 +28,15 @@ import measure
 from context import REPO
 
 CATEGORIES = {
-    "linear layers": ("aten::addmm", "aten::linear", "aten::mm", "aten::t", "aten::matmul"),
+    # bf16 graphs' linears are oneDNN's, with the bias and a following GELU fused in.
+    "linear layers": (
+        "aten::addmm",
+        "aten::linear",
+        "aten::mm",
+        "aten::t",
+        "aten::matmul",
+        "mkldnn::_linear_pointwise",
+    ),
     "attention (QKᵀ, softmax, AV)": (
         "aten::scaled_dot_product_attention",
         "aten::_scaled_dot_product_flash_attention_for_cpu",

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from batchjob import compile as compiling
+from batchjob.backends.cpu import fuse_linear_epilogues
 from batchjob.batching import Shape
 from batchjob.compile import compile_artifact, plan
 from batchjob.config import CompileSpec
@@ -97,6 +98,38 @@ def test_bf16_packed_graph_uses_bmm_and_matches_eager(
     assert cosine(got, want).min() >= 0.99
     if task == "text-classification":
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def node_kinds(graph: torch._C.Graph) -> set[str]:
+    return {node.kind() for node in graph.nodes()}
+
+
+def test_linear_epilogues_fuse_bias_and_gelu_and_compute_the_same() -> None:
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False)
+    ).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.trace(layers, (x,)))
+        fuse_linear_epilogues(frozen.graph)
+        kinds = node_kinds(frozen.graph)
+        assert "mkldnn::_linear_pointwise" in kinds
+        assert not kinds & {"aten::linear", "aten::gelu"}
+        torch.testing.assert_close(frozen(x), layers(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_only_bf16_cpu_graphs_get_onednn_linears(
+    classifier_dir: Path, dtype: str, tmp_path: Path
+) -> None:
+    """bf16's linears fused, fp32's left to aten (its results are pinned to 1e-5)."""
+    spec = CompileSpec(model=str(classifier_dir), dtype=dtype, shapes=(SHAPE,), packing=True)
+    artifact = compile_artifact(spec, str(tmp_path / "artifact"))
+    graph = torch.jit.load(artifact.graph_path(SHAPE)).graph
+    fused = "mkldnn::_linear_pointwise" in node_kinds(graph)
+    assert fused == (dtype == "bf16")
+    assert ("aten::linear" in node_kinds(graph)) == (dtype == "fp32")
 
 
 @pytest.mark.parametrize(
