@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from batchjob.errors import UsageError
-from batchjob.st_modules import DenseLayer, L2Normalize, read_model
+from batchjob.st_modules import DenseLayer, L2Normalize, lowercase_first, read_model
 
 _SENTENCE_TRANSFORMERS_FILES = ("modules.json", "1_Pooling/config.json")
 
@@ -86,6 +86,8 @@ def load_model(
     tokenizer = _load(AutoTokenizer.from_pretrained, model)
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"--model {model}: batchjob needs a fast (Rust) tokenizer")
+    if found is not None and found.lowercase:
+        lowercase_first(tokenizer)
     config = _load(AutoConfig.from_pretrained, model)
     if len(tokenizer) < config.vocab_size // 2:
         raise UsageError(

@@ -81,6 +81,7 @@ class SentenceTransformerModel:
     pooling: tuple[str, ...]  # concatenated in this order
     after: tuple[nn.Module, ...]  # Dense and Normalize, in modules.json's order
     max_seq_length: int | None  # the Transformer module's own, where its config has one
+    lowercase: bool  # its do_lower_case: the library lowercases the text before the tokenizer
 
 
 def read_model(model: str) -> SentenceTransformerModel | None:
@@ -97,7 +98,7 @@ def read_model(model: str) -> SentenceTransformerModel | None:
         ):
             return None
         modes = read_pooling(pooling_config) if has_pooling else ("mean",)
-        return SentenceTransformerModel(model, modes, (), _max_seq_length(model))
+        return _transformer(model, modes, ())
     entries = _load_json(listing)
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"{listing}: expected a list of modules, got {json.dumps(entries)[:80]}")
@@ -118,9 +119,7 @@ def read_model(model: str) -> SentenceTransformerModel | None:
     for kind, entry in zip(kinds[2:], entries[2:], strict=True):
         folder = os.path.join(model, entry.get("path", ""))
         after.append(_dense(folder) if kind == "Dense" else _normalize(folder))
-    return SentenceTransformerModel(
-        transformer, pooling, tuple(after), _max_seq_length(transformer)
-    )
+    return _transformer(transformer, pooling, tuple(after))
 
 
 def _kind(listing: str, entry: Any) -> str:
@@ -227,19 +226,24 @@ def _normalize(folder: str) -> L2Normalize:
     return L2Normalize()
 
 
-def _max_seq_length(transformer: str) -> int | None:
-    """The Transformer module's `max_seq_length`, where its config names one."""
+def _transformer(
+    folder: str, pooling: tuple[str, ...], after: tuple[nn.Module, ...]
+) -> SentenceTransformerModel:
+    """The model with its Transformer module's config read: `max_seq_length` where it names
+    one, and `do_lower_case`."""
     for name in _TRANSFORMER_CONFIGS:
-        path = os.path.join(transformer, name)
-        if os.path.exists(path):
-            config = _load_json(path)
-            value = config.get("max_seq_length") if isinstance(config, dict) else None
-            if value is None:
-                return None
-            if not isinstance(value, int) or value < 2:
-                raise UsageError(f"{path}: max_seq_length must be an integer ≥ 2, got {value!r}")
-            return value
-    return None
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            continue
+        config = _load_json(path)
+        if not isinstance(config, dict):
+            raise UsageError(f"{path}: expected a JSON object")
+        value = config.get("max_seq_length")
+        if value is not None and (not isinstance(value, int) or value < 2):
+            raise UsageError(f"{path}: max_seq_length must be an integer ≥ 2, got {value!r}")
+        lowercase = bool(config.get("do_lower_case", False))
+        return SentenceTransformerModel(folder, pooling, after, value, lowercase)
+    return SentenceTransformerModel(folder, pooling, after, None, False)
 
 
 def _load_json(path: str) -> Any:
@@ -250,3 +254,16 @@ def _load_json(path: str) -> Any:
         raise UsageError(f"{path}: missing") from None
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: can't read it: {e}") from None
+
+
+def lowercase_first(tokenizer: Any) -> None:
+    """Lowercase before the tokenizer's own normalizer, as the library does for a model whose
+    Transformer config says `do_lower_case` (idempotent where the tokenizer lowercases too).
+    It rides in tokenizer.json, so the artifact's tokenizer does the same."""
+    from tokenizers import normalizers
+
+    backend = tokenizer.backend_tokenizer
+    steps: list[Any] = [normalizers.Lowercase()]
+    if backend.normalizer is not None:
+        steps.append(backend.normalizer)
+    backend.normalizer = normalizers.Sequence(steps)

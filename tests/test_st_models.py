@@ -143,7 +143,16 @@ def test_the_older_pooling_config_form_reads_the_same(tmp_path: Path) -> None:
     flags |= {"pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_lasttoken": False}
     flags |= {"pooling_mode_max_tokens": True, "pooling_mode_weightedmean_tokens": True}
     config.write_text(json.dumps({"word_embedding_dimension": HIDDEN, **flags}))
+    # The encoder in a folder of its own, as the first versions of the library saved it.
+    (model / "0_Transformer").mkdir()
+    for file in model.iterdir():
+        if file.is_file() and file.name not in (
+            "modules.json",
+            "config_sentence_transformers.json",
+        ):
+            file.rename(model / "0_Transformer" / file.name)
     listing = json.loads((model / "modules.json").read_text())
+    listing[0]["path"] = "0_Transformer"
     for entry in listing:
         entry["type"] = "sentence_transformers.models." + entry["type"].rsplit(".", 1)[-1]
     (model / "modules.json").write_text(json.dumps(listing))
@@ -151,6 +160,34 @@ def test_the_older_pooling_config_form_reads_the_same(tmp_path: Path) -> None:
     artifact = compile_artifact(CompileSpec(model=str(model), dtype="fp32"), str(tmp_path / "a"))
     assert (artifact.strategy, artifact.pooling) == ("packing", "max+weightedmean")
     assert_same_embeddings(embed(artifact, TEXTS), encode(model, TEXTS))
+
+
+def test_bf16_with_a_dense_layer(tmp_path: Path) -> None:
+    model = st_model(tmp_path / "st", "weightedmean")
+    artifact = compile_artifact(CompileSpec(model=str(model), dtype="bf16"), str(tmp_path / "a"))
+    got, expected = embed(artifact, TEXTS), encode(model, TEXTS)
+    cosine = (got * expected).sum(-1)  # both unit length
+    assert cosine.min() >= 0.99, cosine.min()
+
+
+def test_do_lower_case_lowercases_as_the_library_does(tmp_path: Path) -> None:
+    """A Transformer config's do_lower_case over a tokenizer that keeps case."""
+    model = st_model(tmp_path / "st", "mean", dense=False)
+    tokenizer_file = model / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    tokenizer_file.write_text(json.dumps(tokenizer))
+    set_tokenizer_config(model, do_lower_case=False)  # transformers rebuilds from this too
+    config_file = model / "sentence_bert_config.json"
+    config_file.write_text(
+        json.dumps(json.loads(config_file.read_text()) | {"do_lower_case": True})
+    )
+    texts = [t.upper() for t in TEXTS[:8]] + TEXTS[:8]
+
+    artifact = compile_artifact(CompileSpec(model=str(model), dtype="fp32"), str(tmp_path / "a"))
+    got = embed(artifact, texts)
+    assert_same_embeddings(got, encode(model, texts))
+    np.testing.assert_allclose(got[:8], got[8:], rtol=0, atol=1e-5)
 
 
 def test_read_pooling_both_forms(tmp_path: Path) -> None:
@@ -203,6 +240,11 @@ def test_a_dense_layer_that_does_not_fit_the_pooling_is_refused(tmp_path: Path) 
 
 def loaded_length(path: Path) -> int:
     return model_length(load_model(str(path), "feature-extraction", torch.float32))
+
+
+def set_tokenizer_config(path: Path, **values: object) -> None:
+    config_file = path / "tokenizer_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | values))
 
 
 def set_tokenizer_length(path: Path, length: int | None) -> None:
