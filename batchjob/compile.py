@@ -146,12 +146,15 @@ def model_length(loaded: LoadedModel) -> int:
     limit = int(positions) - position_offset(config) if positions else MAX_DEFAULT_LENGTH
     tokenizer_length = int(getattr(loaded.tokenizer, "model_max_length", 0) or 0)
     if loaded.max_seq_length is not None:
-        wanted = loaded.max_seq_length
+        wanted, source = loaded.max_seq_length, "its sentence-transformers max_seq_length"
     elif 2 <= tokenizer_length <= _UNSET_MODEL_MAX_LENGTH:
-        wanted = tokenizer_length
+        wanted, source = tokenizer_length, "its tokenizer's model_max_length"
     else:
-        wanted = limit
-    return max(2, min(wanted, limit, MAX_DEFAULT_LENGTH))
+        wanted, source = limit, "its position embeddings"
+    length = max(2, min(wanted, limit, MAX_DEFAULT_LENGTH))
+    capped = f", capped at {length}" if length < wanted else ""
+    log.info("the model's length: %d tokens (%s%s)", wanted, source, capped)
+    return length
 
 
 def _length_for(lengths: np.ndarray, limit: int) -> int:
