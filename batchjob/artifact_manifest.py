@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from batchjob.batching import Shape
-from batchjob.config import BACKENDS, TASKS
+from batchjob.config import BACKENDS, POOLING_MODES, TASKS
 from batchjob.errors import UsageError
 
 MANIFEST = "batchjob.json"
@@ -29,7 +29,6 @@ WEIGHTS_FILE = "weights.pt"
 DTYPES = ("fp32", "bf16")
 STRATEGIES = ("buckets", "packing")
 FUNCTIONS = ("softmax", "sigmoid", "none")
-POOLINGS = ("mean", "cls", "max")
 FIELDS = (
     "format_version",
     "task",
@@ -218,7 +217,11 @@ class _Checker:
                 self.fail("labels", "empty for task feature-extraction", data["labels"])
             if function != "none":
                 self.fail("function_to_apply", '"none" for task feature-extraction', function)
-            self.choice("pooling", pooling, POOLINGS)
+            modes = pooling.split("+") if isinstance(pooling, str) else [None]
+            if not all(mode in POOLING_MODES for mode in modes):
+                self.fail(
+                    "pooling", f"one of {', '.join(POOLING_MODES)} (or several, '+')", pooling
+                )
         else:
             if function == "softmax" and len(labels) < 2:
                 self.fail("labels", "at least 2 labels for function_to_apply softmax", labels)

@@ -62,7 +62,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--max-batch-tokens", type=_integer, default=S, help="batch size = this // bucket"
     )
     p.add_argument("--compiler-args", default=S, help="passed to the Neuron compiler, quoted")
-    p.add_argument("--pooling", default=S, help="feature-extraction: auto, mean, cls, max")
+    p.add_argument(
+        "--pooling",
+        default=S,
+        help="feature-extraction: auto (the model's own), cls, max, mean, mean_sqrt_len_tokens, "
+        "weightedmean, lasttoken",
+    )
     p.add_argument(
         "--no-normalize",
         dest="normalize",

@@ -31,9 +31,10 @@ from batchjob.artifact_manifest import FORMAT_VERSION, WEIGHTS_FILE, graph_name
 from batchjob.backends import get_backend
 from batchjob.batching import Item, PackingBatcher, Shape
 from batchjob.config import (
-    DEFAULT_BUCKETS,
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_PACKING_LENGTH,
+    MAX_DEFAULT_LENGTH,
+    STANDARD_LENGTHS,
     CompileSpec,
     resolve_shapes,
 )
@@ -102,7 +103,9 @@ class Plan:
 
 
 def plan(spec: CompileSpec, loaded: LoadedModel) -> Plan:
-    """Packing where asked (or by default) and the family allows it, else buckets."""
+    """Packing where asked (or by default) and the family allows it, else buckets. With no
+    shape flag the length is the model's own (`model_length`), or what --calibrate finds
+    within it."""
     config = loaded.config
     packing = spec.packing if spec.packing is not None else len(spec.shapes) <= 1
     if packing and not supports_packing(config):
@@ -112,19 +115,17 @@ def plan(spec: CompileSpec, loaded: LoadedModel) -> Plan:
             config.model_type,
         )
         packing = False
-    limit = int(getattr(config, "max_position_embeddings", 512)) - position_offset(config)
+    limit = model_length(loaded)
     lengths = calibration_lengths(spec.calibrate, loaded, limit) if spec.calibrate else None
+    top = _length_for(lengths, limit) if lengths is not None else limit
     if not packing:
         if spec.shapes:
             return Plan("buckets", spec.shapes)
-        top = _length_for(lengths, limit) if lengths is not None else DEFAULT_BUCKETS[-1]
-        buckets = (*(n for n in DEFAULT_BUCKETS if n < top), top)
+        buckets = (*(n for n in STANDARD_LENGTHS if n < top), top)
         return Plan("buckets", resolve_shapes(None, None, buckets, None))
-    if spec.shapes:
-        shape = spec.shapes[0]
-    else:
-        length = _length_for(lengths, limit) if lengths is not None else DEFAULT_PACKING_LENGTH
-        shape = Shape(length, max(1, DEFAULT_MAX_BATCH_TOKENS // length))
+    # One row of the model's length, and the token budget's worth of rows (at least one):
+    # 8x128 as before for a 128-token model, 4x256 for all-MiniLM-L6-v2, 2x512 for BERT.
+    shape = spec.shapes[0] if spec.shapes else Shape(top, max(1, DEFAULT_MAX_BATCH_TOKENS // top))
     short = int(np.percentile(lengths, 10)) if lengths is not None and len(lengths) else 8
     segments = spec.max_segments or min(64, max(1, shape.seq_len // max(2, short)))
     # Batched matmuls beat SDPA's flash kernel 2x in a packed bf16 CPU graph (BENCHMARKS.md);
@@ -136,10 +137,34 @@ def plan(spec: CompileSpec, loaded: LoadedModel) -> Plan:
     return Plan("packing", (shape,), segments, position_offset(config), attention)
 
 
+def model_length(loaded: LoadedModel) -> int:
+    """The longest input the model takes, as sentence-transformers truncates: its own
+    `max_seq_length`, else the tokenizer's `model_max_length`, else the positions the config
+    has (less where RoBERTa-style position ids start); never past those positions nor 512."""
+    config = loaded.config
+    positions = getattr(config, "max_position_embeddings", None)
+    limit = int(positions) - position_offset(config) if positions else MAX_DEFAULT_LENGTH
+    tokenizer_length = int(getattr(loaded.tokenizer, "model_max_length", 0) or 0)
+    if loaded.max_seq_length is not None:
+        wanted, source = loaded.max_seq_length, "its sentence-transformers max_seq_length"
+    elif 2 <= tokenizer_length <= _UNSET_MODEL_MAX_LENGTH:
+        wanted, source = tokenizer_length, "its tokenizer's model_max_length"
+    else:
+        wanted, source = limit, "its position embeddings"
+    length = max(2, min(wanted, limit, MAX_DEFAULT_LENGTH))
+    capped = f", capped at {length}" if length < wanted else ""
+    log.info("the model's length: %d tokens (%s%s)", wanted, source, capped)
+    return length
+
+
 def _length_for(lengths: np.ndarray, limit: int) -> int:
     """The smallest standard length that holds 99% of the sample, within the model's limit."""
     need = int(np.percentile(lengths, 99)) if len(lengths) else DEFAULT_PACKING_LENGTH
     return min(next((n for n in (32, 64, 128, 256, 512) if n >= need), 512), limit)
+
+
+# A tokenizer that was saved without a length says 1e30 (transformers' VERY_LARGE_INTEGER).
+_UNSET_MODEL_MAX_LENGTH = 1_000_000
 
 
 def calibration_sample(path: str, sample: int = CALIBRATION_SAMPLE) -> list[str]:
@@ -389,6 +414,6 @@ def _code_digest() -> str:
     """The source of what makes an artifact: a change there compiles cached models again, as
     a release of batchjob would."""
     here = Path(__file__).parent
-    names = ["compile.py", "graphs.py", "models.py", "batching.py", "artifact.py"]
+    names = ["compile.py", "graphs.py", "models.py", "st_modules.py", "batching.py", "artifact.py"]
     names += ["artifact_manifest.py", "backends/cpu.py", "backends/neuron.py"]
     return _digest(b"".join((here / name).read_bytes() for name in names))

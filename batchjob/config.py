@@ -21,14 +21,19 @@ from batchjob.errors import UsageError
 TASKS = ("text-classification", "feature-extraction")
 BACKENDS = ("cpu", "neuron", "neuronx")
 DTYPES = ("auto", "fp32", "bf16")
-POOLINGS = ("auto", "mean", "cls", "max")
+# sentence-transformers' pooling modes (its Pooling.POOLING_MODES), in its order.
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+POOLINGS = ("auto", *POOLING_MODES)
 
-# With no shape option at all, compile these buckets with a token budget per batch: on the
-# typical short-document corpus this wastes little on padding (BENCHMARKS.md).
-DEFAULT_BUCKETS = (16, 24, 32, 48, 64, 96, 128)
+# With no shape option at all, the compiled length is the model's own (compile.model_length),
+# at most MAX_DEFAULT_LENGTH. Buckets are the standard lengths below it and that length,
+# each batch a token budget's worth of rows: on the typical short-document corpus this
+# wastes little on padding (BENCHMARKS.md). Packing compiles one row of that length.
+STANDARD_LENGTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+MAX_DEFAULT_LENGTH = 512
+DEFAULT_BUCKETS = (16, 24, 32, 48, 64, 96, 128)  # --buckets' lengths when only a budget is given
 DEFAULT_MAX_BATCH_TOKENS = 1024
-# Packing's one shape when nothing else decides it: rows of 128 tokens, the token budget's
-# worth of rows, up to 16 documents a row.
+# What --calibrate assumes of an empty sample.
 DEFAULT_PACKING_LENGTH = 128
 CLASSIC_BATCH_SIZE = 6
 CLASSIC_SEQUENCE_LENGTH = 128
@@ -69,8 +74,9 @@ def resolve_shapes(
 
     `--buckets` gives one shape per length, each batch `--max-batch-tokens // length` rows
     (or `--batch-size` rows when only that is given). `--batch-size`/`--sequence-length`
-    alone give the classic single shape, 6×128 by default. No shape flag at all gives the
-    fast default: DEFAULT_BUCKETS with DEFAULT_MAX_BATCH_TOKENS.
+    alone give the classic single shape, 6×128 by default. `--max-batch-tokens` alone gives
+    DEFAULT_BUCKETS with that budget. No shape flag at all is decided by the model (its
+    length: compile.plan), not here.
     """
     for flag, value in (
         ("--batch-size", batch_size),

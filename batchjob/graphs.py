@@ -10,7 +10,7 @@ Both build the attention mask inside the graph from int inputs, so no data-depen
 logic of the model is frozen into the trace. The packed graph applies the model's own head
 to each segment: for classification the first token of the segment through the family's
 pooler and classifier (or its mean, where the model pools by mean); for embeddings the
-model's pooling over the segment's real tokens.
+model's pooling over the segment's real tokens, then its Dense and Normalize modules.
 
 For the families mirrored here, attention can be computed as two batched matmuls
 (`ATTENTION_BMM`) instead of the model's SDPA: in a packed bf16 bert-base graph on one CPU
@@ -77,22 +77,34 @@ def classify(model: Any, first: torch.Tensor, mean: torch.Tensor) -> Any:
     raise ValueError(f"no packed classification head for model type {kind!r}")
 
 
-def pool(
-    hidden: torch.Tensor, member: torch.Tensor, mode: str | None, normalize: bool
-) -> torch.Tensor:
-    """sentence-transformers' pooling: `hidden` (B, S, H), `member` (B, K, S) 0/1 → (B, K, H)."""
+def pool(hidden: torch.Tensor, member: torch.Tensor, modes: str) -> torch.Tensor:
+    """sentence-transformers' pooling: `hidden` (B, S, H), `member` (B, K, S) 0/1 → (B, K, H
+    per mode), each of the `+`-joined modes over each segment's own tokens, concatenated."""
+    return torch.cat([_pool_one(hidden, member, mode) for mode in modes.split("+")], dim=-1)
+
+
+def _pool_one(hidden: torch.Tensor, member: torch.Tensor, mode: str) -> torch.Tensor:
     weights = member.to(hidden.dtype)
+    count = weights.sum(-1, keepdim=True)  # (B, K, 1) the segment's real tokens
     if mode == "max":
         masked = hidden[:, None].masked_fill(weights[..., None] == 0, torch.finfo(hidden.dtype).min)
-        pooled = masked.amax(dim=2)
-    elif mode == "cls":
-        first = weights.cumsum(-1).eq(1) & weights.bool()
-        pooled = first.to(hidden.dtype) @ hidden
-    else:
-        pooled = (weights @ hidden) / weights.sum(-1, keepdim=True).clamp(min=1e-9)
-    if normalize:
-        pooled = nn.functional.normalize(pooled, p=2.0, dim=-1)
-    return pooled
+        return masked.amax(dim=2)
+    # Each token's place in its segment, 1..n (0 outside it): a packed row's segments start
+    # wherever they were put, so positions are counted per segment, not per row.
+    place = weights.cumsum(-1) * weights
+    if mode == "cls":
+        return place.eq(1).to(hidden.dtype) @ hidden
+    if mode == "lasttoken":
+        return (place.eq(count) & member.bool()).to(hidden.dtype) @ hidden
+    if mode == "weightedmean":
+        # The library weighs the tokens 1..n from the first real one.
+        return (place @ hidden) / place.sum(-1, keepdim=True).clamp(min=1e-9)
+    total = weights @ hidden
+    if mode == "mean_sqrt_len_tokens":
+        return total / count.clamp(min=1e-9).sqrt()
+    if mode != "mean":
+        raise ValueError(f"no pooling mode {mode!r}")
+    return total / count.clamp(min=1e-9)
 
 
 def bmm_attention(
@@ -152,8 +164,9 @@ class EncoderGraph(nn.Module):
         self.model: Any = loaded.model
         self.config = loaded.config
         self.task = loaded.task
-        self.pooling = loaded.pooling
-        self.normalize = loaded.normalize
+        self.pooling = loaded.pooling or "mean"
+        # What runs on the pooled embedding (Dense layers, Normalize): part of the graph.
+        self.after = nn.Sequential(*loaded.after)
         self.uses_token_types = uses_token_types
         self.packed = packed
         # Families mirrored here get the 4-D mask and their head applied per segment; any
@@ -193,11 +206,11 @@ class EncoderGraph(nn.Module):
             b, k = segment_index.shape
             index = segment_index[..., None].expand(b, k, hidden.shape[-1])
             first = hidden.gather(1, index)  # (B, K, H)
-            mean = pool(hidden, member, "mean", normalize=False)
+            mean = pool(hidden, member, "mean")
             logits = classify(self.model, first.flatten(0, 1), mean.flatten(0, 1))
             out = logits.float().view(b, k, -1)
         else:
-            out = pool(hidden.float(), member, self.pooling, self.normalize)
+            out = self.after(pool(hidden.float(), member, self.pooling))
         return out if self.packed else out[:, 0]
 
     def per_head(self, mask: Any) -> Any:

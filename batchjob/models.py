@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from batchjob.errors import UsageError
+from batchjob.st_modules import DenseLayer, L2Normalize, lowercase_first, read_model
 
 _SENTENCE_TRANSFORMERS_FILES = ("modules.json", "1_Pooling/config.json")
 
@@ -21,8 +21,11 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     config: Any
-    pooling: str | None  # feature-extraction only
+    pooling: str | None  # feature-extraction only: modes joined by "+", e.g. "cls+mean"
     normalize: bool
+    # feature-extraction: what runs on the pooled embedding, in order (Dense, Normalize)
+    after: tuple[nn.Module, ...] = ()
+    max_seq_length: int | None = None  # a sentence-transformers model's own
 
 
 def infer_task(model: str) -> str:
@@ -54,18 +57,12 @@ def _load(fn: Any, model: str, **kwargs: Any) -> Any:
 
 
 def read_pooling(model: str, requested: str) -> str:
-    """The pooling mode: as asked, else the model's `1_Pooling/config.json`, else mean."""
+    """The pooling: as asked, else the sentence-transformers model's own, else mean. Several
+    modes (concatenated, in this order) are joined by `+`: `cls+mean`."""
     if requested != "auto":
         return requested
-    path = os.path.join(model, "1_Pooling", "config.json")
-    if not os.path.exists(path):
-        return "mean"
-    with open(path, encoding="utf-8") as f:
-        pooling = json.load(f)
-    for mode in ("cls", "max", "mean"):
-        if pooling.get(f"pooling_mode_{mode}_token") or pooling.get(f"pooling_mode_{mode}_tokens"):
-            return mode
-    raise UsageError(f"{path}: no supported pooling mode (mean, cls, max) is enabled")
+    found = read_model(model)
+    return "+".join(found.pooling) if found is not None else "mean"
 
 
 def load_model(
@@ -83,9 +80,14 @@ def load_model(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
+    found = read_model(model) if task == "feature-extraction" else None
+    # An older sentence-transformers layout keeps the encoder in a folder of its own.
+    model = found.transformer if found is not None else model
     tokenizer = _load(AutoTokenizer.from_pretrained, model)
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"--model {model}: batchjob needs a fast (Rust) tokenizer")
+    if found is not None and found.lowercase:
+        lowercase_first(tokenizer)
     config = _load(AutoConfig.from_pretrained, model)
     if len(tokenizer) < config.vocab_size // 2:
         raise UsageError(
@@ -103,5 +105,32 @@ def load_model(
             f"{' ...' if len(missing) > 3 else ''}; is it a {task} model? (see --task)"
         )
     hf_model.eval()
-    mode = read_pooling(model, pooling) if task == "feature-extraction" else None
-    return LoadedModel(task, hf_model, tokenizer, config, mode, normalize)
+    if task != "feature-extraction":
+        return LoadedModel(task, hf_model, tokenizer, config, None, normalize)
+    if pooling != "auto":
+        mode = pooling
+    else:
+        mode = "+".join(found.pooling) if found is not None else "mean"
+    after = list(found.after) if found is not None else []
+    # --no-normalize leaves the model's Normalize out too; else the embedding ends
+    # L2-normalized, as batchjob's embeddings always have (a model's own Normalize or not).
+    after = [m for m in after if not isinstance(m, L2Normalize)] if not normalize else after
+    if normalize and not (after and isinstance(after[-1], L2Normalize)):
+        after.append(L2Normalize())
+    _check_dense(model, config, mode, after)
+    length = found.max_seq_length if found is not None else None
+    return LoadedModel(task, hf_model, tokenizer, config, mode, normalize, tuple(after), length)
+
+
+def _check_dense(model: str, config: Any, pooling: str, after: list[nn.Module]) -> None:
+    """A Dense layer must take what pooling gives: the hidden size once per mode."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+    width = int(hidden) * len(pooling.split("+")) if hidden else None
+    for layer in after:
+        if isinstance(layer, DenseLayer):
+            if width is not None and layer.linear.in_features != width:
+                raise UsageError(
+                    f"--model {model}: its Dense layer takes {layer.linear.in_features} features "
+                    f"but {pooling} pooling gives {width}"
+                )
+            width = layer.linear.out_features

@@ -17,7 +17,7 @@ import measure
 import peers
 
 REPO = Path(__file__).resolve().parent.parent
-MAX_LENGTH = 128  # the largest default length, and (a)'s truncation
+MAX_LENGTH = fixtures.MAX_LENGTH  # the model's length: the default shape's, and (a)'s truncation
 SHARDS = 4
 CLASSIC = ["--batch-size", "6", "--sequence-length", "128", "--no-packing"]
 MATMUL_SECONDS = 0.75  # per layer shape, M and mode: 12 samples a round

@@ -406,6 +406,10 @@ def test_every_field_is_checked(
     assert message.startswith(f"{root}/batchjob.json: {expected}"), message
 
 
+POOLING_CHOICES = (
+    "one of cls, max, mean, mean_sqrt_len_tokens, weightedmean, lasttoken (or several, '+')"
+)
+
 PACKED_FIELDS: list[tuple[Callable[[Manifest], object], str]] = [
     (
         lambda d: d.update(max_segments=0),
@@ -419,8 +423,12 @@ PACKED_FIELDS: list[tuple[Callable[[Manifest], object], str]] = [
         lambda d: d.update(position_offset=-5),
         "field position_offset must be an integer ≥ 0, got -5",
     ),
-    (lambda d: d.update(pooling="sum"), 'field pooling must be one of mean, cls, max, got "sum"'),
-    (lambda d: d.update(pooling=None), "field pooling must be one of mean, cls, max, got null"),
+    (lambda d: d.update(pooling="sum"), f'field pooling must be {POOLING_CHOICES}, got "sum"'),
+    (
+        lambda d: d.update(pooling="cls+sum"),
+        f'field pooling must be {POOLING_CHOICES}, got "cls+sum"',
+    ),
+    (lambda d: d.update(pooling=None), f"field pooling must be {POOLING_CHOICES}, got null"),
     (lambda d: d.update(function_to_apply="softmax"), 'field function_to_apply must be "none"'),
     (
         lambda d: d.update(

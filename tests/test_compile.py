@@ -256,9 +256,12 @@ def test_read_pooling(embedder_dir: Path, plain_dir: Path, tmp_path: Path) -> No
     model = copy_model(embedder_dir, tmp_path / "m")
     pooling_file = model / "1_Pooling" / "config.json"
     pooling = json.loads(pooling_file.read_text())
+    # Every flag false is mean, as sentence-transformers reads it.
     pooling["pooling_mode_mean_tokens"] = False
     pooling_file.write_text(json.dumps(pooling))
-    with pytest.raises(UsageError, match="no supported pooling mode"):
+    assert read_pooling(str(model), "auto") == "mean"
+    pooling_file.write_text(json.dumps({"pooling_mode": "bogus"}))
+    with pytest.raises(UsageError, match=r"config\.json: pooling_mode \"bogus\" is not supported"):
         read_pooling(str(model), "auto")
 
 

@@ -214,7 +214,11 @@ def test_compile_spec_keeps_given_shapes() -> None:
         ),
         ({"backend": "gpu"}, "--backend must be one of cpu, neuron, neuronx, got 'gpu'"),
         ({"dtype": "fp16"}, "--dtype must be one of auto, fp32, bf16, got 'fp16'"),
-        ({"pooling": "sum"}, "--pooling must be one of auto, mean, cls, max, got 'sum'"),
+        (
+            {"pooling": "sum"},
+            "--pooling must be one of auto, cls, max, mean, mean_sqrt_len_tokens, weightedmean, "
+            "lasttoken, got 'sum'",
+        ),
         (
             {"compiler_args": ("--fast-math", "none")},
             "--compiler-args only applies to the neuron and neuronx backends",
