@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from batchjob.engine import Result
 from batchjob.errors import InputError
 from batchjob.records import Fields, Record, read_records
+from batchjob.results import Result
 
 JSONLINES = "application/jsonlines"
 JSON = "application/json"

@@ -266,7 +266,13 @@ def run_spec(**options: object) -> RunSpec:
 def test_run_spec_defaults() -> None:
     spec = run_spec()
     assert spec.replicas is None
-    assert (spec.sort_window, spec.chunk_size, spec.cores_per_replica) == (4096, 1024, 1)
+    assert (spec.sort_window, spec.records_per_read, spec.cores_per_replica) == (4096, 1024, 1)
+    assert (spec.long_documents, spec.chunk_overlap, spec.prompt, spec.prompt_name) == (
+        "truncate",
+        32,
+        None,
+        None,
+    )
     assert (spec.format, spec.progress, spec.text_field, spec.id_field) == (
         "auto",
         "auto",
@@ -287,7 +293,11 @@ def test_run_spec_defaults() -> None:
         ({"cores_per_replica": 0}, "--cores-per-replica must be ≥ 1, got 0"),
         ({"sort_window": 0}, "--sort-window must be ≥ 1, got 0"),
         ({"sort_window": -5}, "--sort-window must be ≥ 1, got -5"),
-        ({"chunk_size": 0}, "--chunk-size must be ≥ 1, got 0"),
+        ({"records_per_read": 0}, "--records-per-read must be ≥ 1, got 0"),
+        ({"chunk_size": 0}, "--records-per-read must be ≥ 1, got 0"),
+        ({"long_documents": "split"}, "--long-documents must be one of truncate, chunk, mean"),
+        ({"chunk_overlap": -1}, "--chunk-overlap must be ≥ 0, got -1"),
+        ({"prompt": "q: ", "prompt_name": "query"}, "--prompt and --prompt-name exclude"),
         ({"replica_start_timeout": 0}, "--replica-start-timeout must be > 0, got 0"),
         ({"replica_start_timeout": -1.5}, "--replica-start-timeout must be > 0, got -1.5"),
     ],
@@ -298,8 +308,16 @@ def test_run_spec_validation(options: dict[str, object], message: str) -> None:
 
 
 def test_run_spec_accepts_boundary_values() -> None:
-    spec = run_spec(replicas=1, sort_window=1, chunk_size=1, replica_start_timeout=0.5)
-    assert (spec.replicas, spec.sort_window, spec.chunk_size) == (1, 1, 1)
+    spec = run_spec(replicas=1, sort_window=1, records_per_read=1, replica_start_timeout=0.5)
+    assert (spec.replicas, spec.sort_window, spec.records_per_read) == (1, 1, 1)
+
+
+def test_chunk_size_is_a_deprecated_alias_of_records_per_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spec = run_spec(chunk_size=7)
+    assert spec.records_per_read == 7
+    assert "--chunk-size is deprecated: it is --records-per-read now" in caplog.text
 
 
 def test_run_spec_cache_dir_defaults_to_xdg_cache_home(
