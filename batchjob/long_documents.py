@@ -14,7 +14,8 @@ worth of characters, never the whole text), so a document of megabytes costs the
 a window. A window starts at the start of a word (the pre-tokenizer's words: never inside a
 word split into pieces), the first at 0; it ends at the end of a word, the last at the end
 of the text; the next one starts `chunk_overlap` tokens before the end, moved back to the
-start of that word. Only a single word longer than a window is cut inside, at a token.
+start of that word. Only a word too long for the rest of a window (that would leave it less
+than half full) is cut inside, at a token.
 """
 
 from __future__ import annotations
@@ -142,12 +143,15 @@ class Windows:
                 if not window.truncated or m == 1:
                     break
                 # The slice tokenizes longer alone (or with the prompt) than in the piece:
-                # one word (or token) less.
-                m = max([c for c in cuts if c < m] or [m - 1])
+                # one word less (one token less, if that leaves the window under half full
+                # or it ends inside a word already).
+                shorter = [c for c in cuts if c < m]
+                at_word = m in cuts and shorter and 2 * shorter[-1] >= m
+                m = shorter[-1] if at_word else m - 1
             yield start, end, window
             if end == n:
                 return
-            start = self._next_start(piece, cuts, m, start)
+            start = self._next_start(piece, cuts, m, start, end)
 
     def _encode(self, text: str) -> Encoded:
         (enc,) = self._tokenizer.encode([Record("", self._prompt + text)])
@@ -177,14 +181,18 @@ class Windows:
         count = len(piece.ids)
         if piece.reaches_end and count <= self._budget:
             return count
-        fitting = [c for c in cuts if c <= self._budget]
-        m = fitting[-1] if fitting else min(self._budget, count)
+        most = min(self._budget, count)
+        fitting = [c for c in cuts if c <= most]
+        # A word too long for what is left of the window is cut inside (at a token), rather
+        # than leave the window less than half full: else windows before a giant word would
+        # each end where it starts, moving forward a few tokens at a time.
+        m = fitting[-1] if fitting and 2 * fitting[-1] >= most else most
         # Tokens that end at one offset (the bytes of one character) stay together.
         while m > 1 and m < count and piece.ends[m - 1] == piece.ends[m]:
             m -= 1
         return max(m, 1)
 
-    def _next_start(self, piece: _Piece, cuts: list[int], m: int, start: int) -> int:
+    def _next_start(self, piece: _Piece, cuts: list[int], m: int, start: int, end: int) -> int:
         """Where the next window starts: `overlap` tokens before this one's end, moved back
         to the start of that word; forward to the next word start if that gets nowhere."""
         j = m - self._overlap
@@ -197,7 +205,7 @@ class Windows:
         while 0 < j < min(m, len(piece.ids)) and piece.ends[j - 1] == piece.ends[j]:
             j += 1
         at = start + (piece.starts[j] if j < len(piece.ids) else piece.ends[j - 1])
-        return max(at, start + 1)  # always forward
+        return min(max(at, start + 1), end)  # always forward, and no gap between windows
 
 
 def _word_cuts(word_ids: list[int | None], count: int) -> list[int]:

@@ -1,0 +1,299 @@
+"""--long-documents chunk and mean: windows at word starts that cover the document, each the
+exact tokenization of its slice (with the prompt), and results equal to sentence-transformers'
+`encode` of each slice (chunk) or their token-weighted mean (mean)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from batchjob.batching import Shape
+from batchjob.long_documents import TextOptions, Unit, Windows, plan_units, window_budget
+from batchjob.records import Record
+from batchjob.tokens import RecordTokenizer
+from tests.conftest import CompileFn, assert_usage_error, invoke, minilm_path, run_job, write_jsonl
+from tests.test_tokens import (  # noqa: F401 (fixtures)
+    Counting,
+    artifact_tokenizer,
+    bytelevel_dir,
+    unigram_dir,
+)
+
+WORDS = ["hello", "wörld", "unbelievably", "naïve", "東京", "résumé", "a,b", "🙂🙂", "x" * 150]
+WORDS += ["supercalifragilisticexpialidocious", "Ünïcødé", "\n\n", "don't", "3.14159"]
+
+
+def long_text(words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choices(WORDS, k=words))
+
+
+def check_windows(
+    tokenizer: RecordTokenizer, text: str, prompt: str, overlap: int, strict: bool = True
+) -> list[Unit]:
+    """Every property a document's windows must have; returns them. `strict`: every pair
+    of windows shares `overlap` tokens (words longer than a window may break that)."""
+    options = TextOptions("chunk", overlap, prompt)
+    units = [u for u in plan_units(tokenizer, [Record("d", text)], options) if isinstance(u, Unit)]
+    assert units[0].char_start == 0
+    assert units[-1].char_end == len(text)
+    assert [u.chunk for u in units] == list(range(len(units)))
+    whole = tokenizer.raw.encode(text, add_special_tokens=False)
+    starts: dict[int, int] = {}  # where tokens start → the first token that starts there
+    for i, (a, _) in enumerate(whole.offsets):
+        starts.setdefault(a, i)
+    short_overlaps = 0
+    for unit, after in zip(units, [*units[1:], None], strict=True):
+        # What runs is the slice's own tokenization, prompt first, whole (not truncated).
+        (alone,) = tokenizer.encode([Record("", prompt + text[unit.char_start : unit.char_end])])
+        assert alone is not None
+        assert (alone.ids, alone.truncated) == (unit.encoded.ids, False)
+        assert len(unit.encoded.ids) <= tokenizer.max_length
+        if unit.char_start and strict:
+            # A window starts where a word of the whole text starts.
+            i = starts[unit.char_start]
+            assert i == 0 or whole.word_ids[i] != whole.word_ids[i - 1], unit
+        if after is not None:
+            assert unit.char_start < after.char_start <= unit.char_end  # forward, no gap
+            assert after.char_start < unit.char_end or not strict  # overlapping
+            shared = tokenizer.raw.encode(
+                text[after.char_start : unit.char_end], add_special_tokens=False
+            )
+            short_overlaps += len(shared.ids) < overlap
+    assert short_overlaps <= (0 if strict else len(units) // 4), short_overlaps
+    return units
+
+
+SHORT_WORDS = ["hello", "wörld", "naïve", "東京", "résumé", "a,b", "🙂", "don't", "3.14", "Ünï"]
+
+
+@pytest.mark.parametrize("prompt", ["", "query: "])
+def test_windows_of_every_family_start_at_words_and_cover_the_text(
+    artifact_tokenizer: Path,  # noqa: F811
+    prompt: str,
+) -> None:
+    tokenizer = RecordTokenizer(str(artifact_tokenizer), 48)
+    rng = random.Random(5)
+    plain = " ".join(rng.choices(SHORT_WORDS, k=400))
+    assert len(check_windows(tokenizer, plain, prompt, overlap=8)) > 5
+    for seed in range(3):  # with words longer than a window
+        units = check_windows(tokenizer, long_text(300, seed), prompt, overlap=8, strict=False)
+        assert len(units) > 5
+
+
+def test_a_text_that_fits_is_one_window_spanning_it() -> None:
+    tokenizer = RecordTokenizer(str(minilm_path()), 48)
+    text = "  a short text  "
+    (unit,) = plan_units(tokenizer, [Record("d", text)], TextOptions("chunk", 8))
+    assert isinstance(unit, Unit)
+    assert (unit.chunk, unit.char_start, unit.char_end) == (0, 0, len(text))
+
+
+def test_a_word_longer_than_a_window_is_cut_at_tokens(bytelevel_dir: Path) -> None:  # noqa: F811
+    """A 3,000-letter word is hundreds of byte-level BPE pieces: cut inside, still exact. (To
+    WordPiece it is one [UNK]: more than 100 letters.)"""
+    text = "start " + "ab" * 1500 + " end"
+    tokenizer = RecordTokenizer(str(bytelevel_dir), 32)
+    assert len(check_windows(tokenizer, text, "", 4, strict=False)) > 3
+    wordpiece = RecordTokenizer(str(minilm_path()), 32)
+    assert len(check_windows(wordpiece, text, "", 4)) == 1
+
+
+def test_long_pairs_are_error_rows_and_errors_keep_their_place() -> None:
+    tokenizer = RecordTokenizer(str(minilm_path()), 32)
+    records = [
+        Record("bad", None, error="bad: not JSON"),
+        Record("pair", long_text(100), "second"),
+        Record("ok", "fine"),
+    ]
+    out = list(plan_units(tokenizer, records, TextOptions("mean", 4)))
+    assert [(type(u).__name__, u.record) for u in out] == [
+        ("Failed", 0),
+        ("Failed", 1),
+        ("Unit", 2),
+    ]
+    assert "can't be split into windows" in getattr(out[1], "error", "")
+
+
+def test_a_document_of_megabytes_is_tokenized_a_piece_at_a_time() -> None:
+    tokenizer = RecordTokenizer(str(minilm_path()), 64)
+    counting = Counting(tokenizer._raw)
+    tokenizer._raw = counting  # type: ignore[assignment]
+    text = long_text(400_000)  # ~4 MB
+    budget = window_budget(tokenizer, "")
+    windows = iter(Windows(tokenizer, text, "", budget, 16))
+    for _ in range(20):
+        _start, _end, enc = next(windows)
+        assert len(enc.ids) <= 64
+    assert counting.largest < 64 * 1024  # pieces of a few windows, never the document
+
+
+# -- end to end, against sentence-transformers ----------------------------------------------
+
+
+def _cos(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    return pq.read_table(out / "docs.parquet").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def st_embedder(embedder_dir: Path) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(embedder_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return ["short one", long_text(120, 1), "", long_text(40, 2), long_text(200, 3)]
+
+
+def _write_corpus(tmp_path: Path, texts: list[str]) -> Path:
+    return write_jsonl(
+        tmp_path / "in" / "docs.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)]
+    )
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_chunk_rows_equal_sentence_transformers_on_each_slice(
+    tmp_path: Path,
+    compiled: CompileFn,
+    embedder_dir: Path,
+    st_embedder: Any,
+    corpus: list[str],
+    packing: bool,
+) -> None:
+    artifact = compiled(embedder_dir, shapes=(Shape(32, 4),), packing=packing).path
+    _write_corpus(tmp_path, corpus)
+    out = tmp_path / "out"
+    assert run_job(artifact, tmp_path / "in", out, long_documents="chunk", chunk_overlap=6) == 0
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), key=int)  # input order
+    by_doc: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_doc.setdefault(int(row["id"]), []).append(row)
+    assert sorted(by_doc) == list(range(len(corpus)))
+    for i, doc_rows in by_doc.items():
+        assert [r["chunk"] for r in doc_rows] == list(range(len(doc_rows)))
+        assert doc_rows[0]["char_start"] == 0
+        assert doc_rows[-1]["char_end"] == len(corpus[i])
+        slices = [corpus[i][r["char_start"] : r["char_end"]] for r in doc_rows]
+        expected = st_embedder.encode(slices)
+        for row, ref in zip(doc_rows, expected, strict=True):
+            assert _cos(row["embedding"], ref) >= 0.9999
+            assert row["error"] is None
+            assert row["truncated"] is False
+    assert len(by_doc[1]) > 1
+    assert len(by_doc[0]) == 1
+    manifest = json.loads((out / "_manifest.json").read_text())
+    counts = manifest["counts"]
+    split = sum(len(v) > 1 for v in by_doc.values())
+    assert (counts["documents"], counts["windows"], counts["documents_split"]) == (
+        len(corpus),
+        len(rows),
+        split,
+    )
+    assert manifest["long_documents"] == "chunk"
+    assert manifest["chunk_overlap"] == 6
+
+
+def test_mean_rows_are_the_token_weighted_mean_of_the_windows(
+    tmp_path: Path,
+    compiled: CompileFn,
+    embedder_dir: Path,
+    st_embedder: Any,
+    corpus: list[str],
+) -> None:
+    artifact = compiled(embedder_dir, shapes=(Shape(32, 4),)).path
+    _write_corpus(tmp_path, corpus)
+    chunks, means = tmp_path / "chunks", tmp_path / "means"
+    assert (
+        run_job(
+            artifact, tmp_path / "in", chunks, long_documents="chunk", prompt="q: ", chunk_overlap=6
+        )
+        == 0
+    )
+    assert (
+        run_job(
+            artifact, tmp_path / "in", means, long_documents="mean", prompt="q: ", chunk_overlap=6
+        )
+        == 0
+    )
+    mean_rows = _rows(means)
+    assert [r["id"] for r in mean_rows] == [str(i) for i in range(len(corpus))]
+    tokenizer = st_embedder.tokenizer
+    for i, row in enumerate(mean_rows):
+        windows = [r for r in _rows(chunks) if r["id"] == str(i)]
+        slices = ["q: " + corpus[i][r["char_start"] : r["char_end"]] for r in windows]
+        embeddings = st_embedder.encode(slices)
+        weights = np.array([len(tokenizer(s)["input_ids"]) for s in slices], dtype=np.float64)
+        expected = weights @ embeddings / weights.sum()
+        assert _cos(row["embedding"], expected) >= 0.9999
+        assert abs(np.linalg.norm(row["embedding"]) - 1.0) < 1e-5  # normalised as the model's
+
+
+def test_mean_of_a_classifier_is_the_activation_of_the_mean_logits(
+    tmp_path: Path, compiled: CompileFn, classifier_dir: Path, corpus: list[str]
+) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    artifact = compiled(classifier_dir, shapes=(Shape(32, 4),)).path
+    _write_corpus(tmp_path, corpus)
+    chunks, means = tmp_path / "chunks", tmp_path / "means"
+    assert run_job(artifact, tmp_path / "in", chunks, long_documents="chunk", chunk_overlap=6) == 0
+    assert run_job(artifact, tmp_path / "in", means, long_documents="mean", chunk_overlap=6) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(classifier_dir)
+    chunk_rows = _rows(chunks)
+    for i, row in enumerate(_rows(means)):
+        slices = [
+            corpus[i][r["char_start"] : r["char_end"]] for r in chunk_rows if r["id"] == str(i)
+        ]
+        with torch.no_grad():
+            logits = model(**hf_tokenizer(slices, padding=True, return_tensors="pt")).logits
+        expected = torch.softmax(logits.mean(dim=0), dim=-1).numpy()
+        np.testing.assert_allclose(row["scores"], expected, atol=1e-4)
+        assert row["label"] == model.config.id2label[int(expected.argmax())]
+
+
+def test_the_demo_model_matches_sentence_transformers_window_by_window(
+    tmp_path: Path, compiled: CompileFn
+) -> None:
+    """all-MiniLM-L6-v2 for real: chunk rows with a prompt equal `encode(slice, prompt=...)`."""
+    from sentence_transformers import SentenceTransformer
+
+    artifact = compiled(minilm_path(), shapes=(Shape(64, 8),)).path
+    texts = [long_text(150, 7), "Ünïcødé 🙂 short"]
+    _write_corpus(tmp_path, texts)
+    out = tmp_path / "out"
+    prompt = "passage: "
+    assert run_job(artifact, tmp_path / "in", out, long_documents="chunk", prompt=prompt) == 0
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    rows = _rows(out)
+    assert len(rows) > 3
+    for row in rows:
+        text = texts[int(row["id"])][row["char_start"] : row["char_end"]]
+        assert _cos(row["embedding"], model.encode(text, prompt=prompt)) >= 0.9999
+
+
+def test_an_overlap_as_large_as_a_window_is_refused_on_one_line(
+    tmp_path: Path, compiled: CompileFn, embedder_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    artifact = compiled(embedder_dir, shapes=(Shape(32, 4),)).path
+    _write_corpus(tmp_path, ["text"])
+    argv = ["run", "--model", artifact, "--input", str(tmp_path / "in")]
+    argv += ["--output", str(tmp_path / "out"), "--long-documents", "chunk"]
+    code, out, err = invoke([*argv, "--chunk-overlap", "30"], capsys)
+    assert_usage_error(code, out, err, ("--chunk-overlap", "less than a window's 30 tokens", "30"))
+    assert not (tmp_path / "out").exists()
