@@ -139,9 +139,7 @@ def resolve_text_options(
             name = model.default_prompt_name
         if name is not None and name not in model.prompts:
             known = ", ".join(sorted(model.prompts)) or "none"
-            raise error(
-                f"{name_flag} {name!r}: the model has no such prompt (its prompts: {known})"
-            )
+            raise error(f"{name_flag} {name!r}: the model has no such prompt (it has: {known})")
         prompt = model.prompts[name] if name is not None else ""
     if prompt and not model.include_prompt:
         raise error(
