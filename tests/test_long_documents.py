@@ -297,3 +297,66 @@ def test_an_overlap_as_large_as_a_window_is_refused_on_one_line(
     code, out, err = invoke([*argv, "--chunk-overlap", "30"], capsys)
     assert_usage_error(code, out, err, ("--chunk-overlap", "less than a window's 30 tokens", "30"))
     assert not (tmp_path / "out").exists()
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def test_serve_takes_long_documents_and_the_prompt_from_its_environment(
+    tmp_path: Path, compiled: CompileFn, embedder_dir: Path, st_embedder: Any
+) -> None:
+    """SageMaker sets no flags: BATCHJOB_LONG_DOCUMENTS, BATCHJOB_CHUNK_OVERLAP and
+    BATCHJOB_PROMPT do. Each record answers with its windows, in input order."""
+    from tests.serve_process import JSONLINES, Server, jsonlines
+
+    artifact = compiled(embedder_dir, shapes=(Shape(32, 4),)).path
+    env = {"BATCHJOB_LONG_DOCUMENTS": "chunk", "BATCHJOB_CHUNK_OVERLAP": "4"}
+    server = Server(
+        ["--model", artifact, "--port", "0"], env | {"BATCHJOB_PROMPT": "q: "}, tmp_path
+    )
+    try:
+        server.wait_ready()
+        texts = [long_text(80, 9), "short"]
+        answers = server.post(jsonlines([{"inputs": t} for t in texts]), JSONLINES)
+        toolkit = server.post(json.dumps({"inputs": texts}).encode(), "application/json")
+    finally:
+        assert server.stop() == 0
+    assert [len(a["chunks"]) > 1 for a in answers] == [True, False]
+    for text, answer, windows in zip(texts, answers, toolkit, strict=True):
+        slices = [text[c["char_start"] : c["char_end"]] for c in answer["chunks"]]
+        expected = st_embedder.encode(slices, prompt="q: ")
+        for chunk, embedding, ref in zip(answer["chunks"], windows, expected, strict=True):
+            assert _cos(chunk["embedding"], ref) >= 0.9999
+            assert _cos(embedding, ref) >= 0.9999
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BATCHJOB_LONG_DOCUMENTS": "all"}, "BATCHJOB_LONG_DOCUMENTS must be one of truncate"),
+        ({"BATCHJOB_CHUNK_OVERLAP": "-3"}, "BATCHJOB_CHUNK_OVERLAP must be ≥ 0, got -3"),
+        ({"BATCHJOB_CHUNK_OVERLAP": "many"}, "BATCHJOB_CHUNK_OVERLAP must be an integer"),
+        (
+            {"BATCHJOB_PROMPT": "q: ", "BATCHJOB_PROMPT_NAME": "query"},
+            "BATCHJOB_PROMPT and BATCHJOB_PROMPT_NAME exclude each other",
+        ),
+    ],
+)
+def test_serve_refuses_bad_text_settings_in_its_environment(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    from batchjob.errors import UsageError
+    from batchjob.serve_config import serve_spec
+
+    with pytest.raises(UsageError, match=message):
+        serve_spec({"model": str(tmp_path)}, env)
+
+
+def test_serve_flags_win_over_its_environment(tmp_path: Path) -> None:
+    from batchjob.serve_config import serve_spec
+
+    env = {"BATCHJOB_LONG_DOCUMENTS": "chunk", "BATCHJOB_PROMPT": "q: "}
+    spec = serve_spec({"model": str(tmp_path), "long_documents": "mean", "prompt_name": "x"}, env)
+    assert (spec.long_documents, spec.prompt, spec.prompt_name) == ("mean", None, "x")
+    spec = serve_spec({"model": str(tmp_path)}, env | {"BATCHJOB_CHUNK_OVERLAP": "7"})
+    assert (spec.long_documents, spec.chunk_overlap, spec.prompt) == ("chunk", 7, "q: ")
