@@ -40,8 +40,8 @@ from batchjob.long_documents import Failed, TextOptions, Unit, plan_units, promp
 from batchjob.records import Record
 from batchjob.replica_process import Placement, plan_placements
 from batchjob.replicas import ReplicaPool
+from batchjob.results import Ran, Span, assemble
 from batchjob.results import Result as Result
-from batchjob.results import assemble
 from batchjob.startup import mark
 from batchjob.tasks import task_columns, task_fields
 from batchjob.tokens import RecordTokenizer
@@ -333,7 +333,7 @@ class Engine:
             return [Result(None, error=r.error, windows=0) for r in records]
         n = len(records)
         call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future(), raw={})
-        units: list[Unit] = []
+        units: list[Ran] = []
         failed: dict[int, str] = {}
         planned = plan_units(self.tokenizer, records, options)
         call.remaining = 1  # until every unit is planned
@@ -346,7 +346,8 @@ class Engine:
                         continue
                     enc = unit.encoded
                     items.append(Item((call, len(units)), enc.ids, enc.type_ids))
-                    units.append(unit)
+                    span = Span(unit.chunk, unit.char_start, unit.char_end)
+                    units.append(Ran(unit.record, span, len(enc.ids)))
                 call.remaining += len(items)
                 self.stats.windows += len(items)
                 await self._add(items)

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from batchjob.artifact import Artifact
-from batchjob.long_documents import Unit
 from batchjob.records import Record
 from batchjob.tasks import task_columns
 
@@ -27,6 +26,16 @@ class Span:
     chunk: int
     char_start: int
     char_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """A row that ran for record `record` (a window of it): what putting results together
+    needs of it, without its token ids (a document of megabytes has many windows)."""
+
+    record: int
+    span: Span
+    tokens: int  # its real tokens, special tokens included: its weight in a mean
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +53,7 @@ class Result:
 def assemble(
     artifact: Artifact,
     records: Sequence[Record],
-    units: Sequence[Unit],
+    units: Sequence[Ran],
     failed: dict[int, str],
     outputs: dict[int, np.ndarray],
     mode: str,
@@ -63,10 +72,7 @@ def assemble(
         columns = task_columns(artifact, np.stack([outputs[i] for i in range(len(units))]))
         for record, indices in by_record.items():
             chunks = tuple(
-                (
-                    Span(units[i].chunk, units[i].char_start, units[i].char_end),
-                    {name: column[i] for name, column in columns.items()},
-                )
+                (units[i].span, {name: column[i] for name, column in columns.items()})
                 for i in indices
             )
             results[record] = Result(None, chunks=chunks, windows=len(indices))
@@ -81,7 +87,7 @@ def assemble(
 
 
 def _combine(
-    artifact: Artifact, units: Sequence[Unit], outputs: dict[int, np.ndarray], indices: list[int]
+    artifact: Artifact, units: Sequence[Ran], outputs: dict[int, np.ndarray], indices: list[int]
 ) -> np.ndarray:
     rows = np.stack([outputs[i] for i in indices]).astype(np.float64)
     if len(indices) == 1:
@@ -90,7 +96,7 @@ def _combine(
     if artifact.task == "text-classification":
         mean: np.ndarray = rows.mean(axis=0)
         return mean
-    weights = np.array([len(units[i].encoded.ids) for i in indices], dtype=np.float64)
+    weights = np.array([units[i].tokens for i in indices], dtype=np.float64)
     pooled: np.ndarray = weights @ rows / weights.sum()
     if artifact.normalize:
         pooled = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
