@@ -36,9 +36,10 @@ SHARDS_IN_FLIGHT = 4  # per job message naming a prefix
 def message_line(what: str, counts: Counts) -> str:
     """A message's log line after its timing: its work, then what came of it."""
     existing = f", {counts.existing} existed already" if counts.existing else ""
+    split = f" ({counts.windows} windows, {counts.split} split)" if counts.split else ""
     return (
         f"{what}: {counts.outputs} output(s) written{existing}, {counts.documents} "
-        f"documents, {counts.errors} error rows"
+        f"documents{split}, {counts.errors} error rows"
     )
 
 

@@ -118,6 +118,8 @@ def test_a_message_sets_long_documents_and_the_prompt(classifier: Artifact, buck
     assert (counts.documents, counts.windows, counts.split) == (2, len(table), 1)
     assert table[0]["char_start"] == 0
     assert table[-2]["char_end"] == len(long)
+    line = message_line("inline", counts)
+    assert line.endswith(f"2 documents ({len(table)} windows, 1 split), 0 error rows")
 
 
 @pytest.mark.parametrize(
