@@ -339,3 +339,12 @@ def test_run_spec_cache_dir_falls_back_to_home(
 def test_run_spec_keeps_a_given_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", "/elsewhere")
     assert run_spec(cache_dir="/mine").cache_dir == "/mine"
+
+
+def test_chunk_size_and_records_per_read_together_are_refused() -> None:
+    from batchjob.config import run_spec as spec_from_fields
+
+    fields = {"model": "m", "input": "in", "output": "out", "chunk_size": 8}
+    assert spec_from_fields(dict(fields)).records_per_read == 8
+    with usage_error("--chunk-size is the deprecated name of --records-per-read: give one"):
+        spec_from_fields(fields | {"records_per_read": 16})
