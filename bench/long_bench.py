@@ -101,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.repeats):
             for name in ("short", "long"):
                 out = work / f"out-{name}-{k}"
-                result = measure.batchjob_run(
-                    artifact, work / name, out, flags if name == "long" else []
-                )
+                with measure.OtherLoad() as others:
+                    result = measure.batchjob_run(
+                        artifact, work / name, out, flags if name == "long" else []
+                    )
                 rate = result.real_tokens / result.pipeline_seconds
                 rates[name].append(rate)
                 line = (
                     f"{name}: {result.documents} docs, {result.real_tokens} real tokens in "
                     f"{result.batches} batches, {result.pipeline_seconds:.1f}s: "
-                    f"{rate:.0f} tokens/s"
+                    f"{rate:.0f} tokens/s, others {others.share:.0%}"
                 )
                 if name == "long":
                     counts = json.loads((out / "_manifest.json").read_text())["counts"]
