@@ -277,6 +277,7 @@ class Worker:
             summary.counts.add(counts)
             self.metrics.documents.inc(counts.documents)
             self.metrics.errors.inc(counts.errors)
+            self.metrics.windows.inc(counts.windows)
 
     async def _work(self, message: Message) -> tuple[str, Counts] | None:
         """The message's work, done: what it was and its counts; None when it asks for
