@@ -331,6 +331,7 @@ class Engine:
         its first batches run while the rest are tokenized) → one Result per record."""
         if not any(r.error is None for r in records):
             return [Result(None, error=r.error, windows=0) for r in records]
+        mark("first records in", once=True)
         n = len(records)
         call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future(), raw={})
         units: list[Ran] = []
@@ -338,7 +339,9 @@ class Engine:
         planned = plan_units(self.tokenizer, records, options)
         call.remaining = 1  # until every unit is planned
         try:
-            while part := await asyncio.to_thread(_take, planned, ADD_SLICE):
+            while not call.done.done() and (
+                part := await asyncio.to_thread(_take, planned, ADD_SLICE)
+            ):
                 items = []
                 for unit in part:
                     if isinstance(unit, Failed):
@@ -353,9 +356,9 @@ class Engine:
                 await self._add(items)
             self.stats.records += n - len(failed)
             call.remaining -= 1
-            if not call.remaining:
+            if not call.remaining and not call.done.done():
                 call.done.set_result(None)
-            await call.done
+            await call.done  # raises if a batch of it failed (planning stopped there)
         except BaseException:
             call.done.cancel()
             raise

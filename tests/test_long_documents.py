@@ -429,3 +429,43 @@ def test_windows_of_other_families_equal_sentence_transformers(
     for row in rows:
         text = texts[int(row["id"])][row["char_start"] : row["char_end"]]
         assert _cos(row["embedding"], model.encode(text, prompt="query: ")) >= 0.9999
+
+
+# -- the engine, over a stand-in pool -------------------------------------------------------
+
+
+def _engine_run(artifact: str, scenario: Any, fail: Exception | None = None) -> None:
+    import asyncio
+
+    from batchjob.artifact import load_artifact
+    from batchjob.engine import Engine
+    from tests.replica_fakes import StandInPool
+
+    async def main() -> None:
+        pool = StandInPool(None, fail)
+        async with Engine(load_artifact(artifact), pool, max_batch_delay=0.001) as engine:
+            await asyncio.wait_for(scenario(engine, pool), 30)
+
+    asyncio.run(main())
+
+
+def test_a_failed_window_fails_its_call_and_the_engine_goes_on(artifact: str) -> None:
+    from batchjob.errors import ReplicaError
+
+    chunk = TextOptions("chunk", 4)
+    records = [Record("a", long_text(400, 5)), Record("b", "short")]
+
+    async def scenario(engine: Any, pool: Any) -> None:
+        with pytest.raises(ReplicaError, match="replica 0 died"):
+            await engine.infer(records, chunk)
+        pool.fail = None
+        results = await engine.infer([Record("bad", None, error="bad: no text"), *records], chunk)
+        assert [r.error for r in results] == ["bad: no text", None, None]
+        assert [len(r.chunks) for r in results[1:]] == [results[1].windows, 1]
+        assert results[1].windows > 10
+        means = await engine.infer(records, TextOptions("mean", 4))
+        assert [r.windows for r in means] == [results[1].windows, 1]
+        assert means[0].values is not None
+        assert means[0].chunks == ()
+
+    _engine_run(artifact, scenario, fail=ReplicaError("replica 0 died"))
