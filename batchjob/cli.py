@@ -102,6 +102,18 @@ def _add_record_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-field", default=S, help="field holding the record id (id)")
 
 
+def _add_text_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument(
+        "--long-documents",
+        default=S,
+        help="truncate (default), chunk (a row per window), mean (of the windows)",
+    )
+    p.add_argument("--chunk-overlap", type=_integer, default=S, help="tokens windows share (32)")
+    p.add_argument("--prompt", default=S, help="text put before every text, e.g. 'query: '")
+    p.add_argument("--prompt-name", default=S, help="the model's prompt of that name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchjob", description="Batch inference for Hugging Face encoders.")
     parser.add_argument("--log-level", default="INFO", type=_log_level, help="DEBUG, INFO...")
@@ -124,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record_options(p)
     p.add_argument("--resume", action="store_true", default=S, help="skip shards already done")
     p.add_argument("--sort-window", type=_integer, default=S, help="records (4096)")
-    p.add_argument("--chunk-size", type=_integer, default=S, help="records read at a time")
+    p.add_argument(
+        "--records-per-read", type=_integer, default=S, help="records read at a time (1024)"
+    )
+    p.add_argument("--chunk-size", type=_integer, default=S, help="deprecated: --records-per-read")
+    _add_text_options(p)
     p.add_argument("--progress", default=S, help="auto, bar, log, none")
     _add_bucket_owner_option(p)
 
@@ -135,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_integer, default=S, help="SAGEMAKER_BIND_TO_PORT or 8080")
     p.add_argument("--max-batch-delay-ms", type=float, default=S, help="partial batch wait (5)")
     p.add_argument("--text-field", default=S, help="jsonlines/csv field with the text (inputs)")
+    _add_text_options(p)
     p.add_argument("--drain-seconds", type=float, default=S, help="on SIGTERM (25)")
     p.add_argument(
         "--max-concurrent-requests",
@@ -181,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bucket_owner_option(p)
     _add_record_options(p)
+    _add_text_options(p)
     return parser
 
 

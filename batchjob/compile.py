@@ -47,6 +47,7 @@ from batchjob.graphs import (
     supports_packing,
 )
 from batchjob.models import LoadedModel, infer_task, load_model
+from batchjob.prompts import write_prompts
 from batchjob.staging import make_staging, publish, remove_abandoned_staging
 
 log = logging.getLogger("batchjob.compile")
@@ -259,6 +260,7 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
         if backend.shares_weights:
             write_weights(shared, os.path.join(staging, WEIGHTS_FILE))
         loaded.tokenizer.save_pretrained(os.path.join(staging, "tokenizer"))
+        write_prompts(spec.model, staging)  # sentence-transformers' prompts, for --prompt-name
         loaded.config.save_pretrained(staging)
         artifact = Artifact(
             path=staging,
@@ -415,5 +417,5 @@ def _code_digest() -> str:
     a release of batchjob would."""
     here = Path(__file__).parent
     names = ["compile.py", "graphs.py", "models.py", "st_modules.py", "batching.py", "artifact.py"]
-    names += ["artifact_manifest.py", "backends/cpu.py", "backends/neuron.py"]
+    names += ["artifact_manifest.py", "backends/cpu.py", "backends/neuron.py", "prompts.py"]
     return _digest(b"".join((here / name).read_bytes() for name in names))

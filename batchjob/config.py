@@ -8,6 +8,7 @@ the flag and the value.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import shlex
@@ -18,12 +19,16 @@ from typing import Any
 from batchjob.batching import Shape
 from batchjob.errors import UsageError
 
+log = logging.getLogger("batchjob.config")
+
 TASKS = ("text-classification", "feature-extraction")
 BACKENDS = ("cpu", "neuron", "neuronx")
 DTYPES = ("auto", "fp32", "bf16")
 # sentence-transformers' pooling modes (its Pooling.POOLING_MODES), in its order.
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 POOLINGS = ("auto", *POOLING_MODES)
+LONG_DOCUMENTS = ("truncate", "chunk", "mean")  # long_documents.py says what each does
+DEFAULT_CHUNK_OVERLAP = 32
 
 # With no shape option at all, the compiled length is the model's own (compile.model_length),
 # at most MAX_DEFAULT_LENGTH. Buckets are the standard lengths below it and that length,
@@ -164,10 +169,15 @@ class RunSpec:
     replicas: int | None = None
     cores_per_replica: int = 1
     sort_window: int = 4096
-    chunk_size: int = 1024
+    records_per_read: int = 1024
+    chunk_size: int | None = None  # deprecated alias of records_per_read (one release)
     replica_start_timeout: float = 300.0
     cache_dir: str = ""
     progress: str = "auto"  # auto: a bar on a terminal, log lines otherwise
+    long_documents: str = "truncate"
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP  # tokens, with --long-documents chunk or mean
+    prompt: str | None = None  # prepended to every text
+    prompt_name: str | None = None  # the model's prompt of that name
     input_manifest: str | None = None  # instead of --input: a list of shards (local or s3://)
     max_shards_in_flight: int = 8  # shards open at once: S3 objects download ahead
     expected_bucket_owner: str | None = None  # sent with every S3 call (ExpectedBucketOwner)
@@ -186,9 +196,14 @@ class RunSpec:
         _choice("--format", self.format, ("auto", "jsonl", "csv", "parquet", "txt"))
         _choice("--progress", self.progress, ("auto", "bar", "log", "none"))
         check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
+        check_text_options(self.long_documents, self.chunk_overlap, self.prompt, self.prompt_name)
+        if self.chunk_size is not None:
+            # "chunk" is a window of a long document now (--long-documents chunk).
+            log.warning("--chunk-size is deprecated: it is --records-per-read now")
+            object.__setattr__(self, "records_per_read", self.chunk_size)
         for flag, value in (
             ("--sort-window", self.sort_window),
-            ("--chunk-size", self.chunk_size),
+            ("--records-per-read", self.records_per_read),
             ("--max-shards-in-flight", self.max_shards_in_flight),
         ):
             require(value >= 1, f"{flag} must be ≥ 1, got {value}")
@@ -222,9 +237,15 @@ class WorkerSpec:
     allow_input: tuple[str, ...] = ()
     allow_any_input: bool = False
     expected_bucket_owner: str | None = None
+    # Defaults for every message; a job or inline message may set its own.
+    long_documents: str = "truncate"
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    prompt: str | None = None
+    prompt_name: str | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.queue), "--queue is required")
+        check_text_options(self.long_documents, self.chunk_overlap, self.prompt, self.prompt_name)
         require(bool(self.output), "--output is required")
         require(
             self.output.startswith("s3://") and len(self.output) > len("s3://"),
@@ -265,6 +286,17 @@ class WorkerSpec:
         check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
         if not self.cache_dir:
             object.__setattr__(self, "cache_dir", default_cache_dir())
+
+
+def check_text_options(
+    long_documents: str, chunk_overlap: int, prompt: str | None, prompt_name: str | None
+) -> None:
+    """The flags of long documents and prompts (checked against the model once it is open:
+    prompts.resolve_text_options)."""
+    _choice("--long-documents", long_documents, LONG_DOCUMENTS)
+    require(chunk_overlap >= 0, f"--chunk-overlap must be ≥ 0, got {chunk_overlap}")
+    require(prompt is None or prompt_name is None, "--prompt and --prompt-name exclude each other")
+    require(prompt_name is None or bool(prompt_name), "--prompt-name must not be empty")
 
 
 def check_replica_options(
@@ -325,6 +357,10 @@ def compile_spec(fields: dict[str, Any]) -> CompileSpec:
 
 
 def run_spec(fields: dict[str, Any]) -> RunSpec:
+    require(
+        not ("chunk_size" in fields and "records_per_read" in fields),
+        "--chunk-size is the deprecated name of --records-per-read: give one of them",
+    )
     options = {k: v for k, v in fields.items() if k not in _NOT_SPEC_FIELDS}
     for name in ("model", "input", "output"):
         options.setdefault(name, "")

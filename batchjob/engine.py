@@ -22,11 +22,12 @@ import asyncio
 import collections
 import contextlib
 import functools
+import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -35,9 +36,12 @@ from batchjob.backends import backend_device
 from batchjob.batching import Batch, Batcher, Item, make_batcher
 from batchjob.config import CompileSpec
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
+from batchjob.long_documents import Failed, TextOptions, Unit, plan_units, prompted
 from batchjob.records import Record
 from batchjob.replica_process import Placement, plan_placements
 from batchjob.replicas import ReplicaPool
+from batchjob.results import Ran, Span, assemble
+from batchjob.results import Result as Result
 from batchjob.startup import mark
 from batchjob.tasks import task_columns, task_fields
 from batchjob.tokens import RecordTokenizer
@@ -45,6 +49,7 @@ from batchjob.tokens import RecordTokenizer
 log = logging.getLogger("batchjob.engine")
 
 DEFAULT_MAX_BATCH_DELAY = 0.005  # seconds
+TRUNCATE = TextOptions()
 # Items added to the batcher per step: building a batch's arrays is Python work on the event
 # loop, so a large request is added in slices and the loop answers /ping in between.
 ADD_SLICE = 256
@@ -63,18 +68,10 @@ class Submitter(Protocol):
     async def submit(self, arrays: dict[str, np.ndarray]) -> asyncio.Future[np.ndarray]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
-    """One record's outcome: the task's values (as `tasks.task_columns` names them), or error."""
-
-    values: dict[str, Any] | None
-    truncated: bool = False
-    error: str | None = None
-
-
 @dataclass
 class EngineStats:
     records: int = 0  # records inferred (error records not counted)
+    windows: int = 0  # rows run for them (more than records where long ones were split)
     batches: int = 0
     partial_flushes: int = 0  # flushes of partial batches by the delay
     real_tokens: int = 0
@@ -90,6 +87,7 @@ class _Call:
     truncated: list[bool]
     done: asyncio.Future[None]
     remaining: int = 0
+    raw: dict[int, np.ndarray] | None = None  # windowed calls: the graph's output per unit
 
     def fail(self, error: BaseException) -> None:
         if not self.done.done():
@@ -270,7 +268,9 @@ class Engine:
             call.fail(closed)
         self._waiting.clear()
 
-    async def infer(self, records: Sequence[Record]) -> list[Result]:
+    async def infer(
+        self, records: Sequence[Record], options: TextOptions = TRUNCATE
+    ) -> list[Result]:
         """One result per record, in order. Error records come back as they are."""
         if self._closing:
             raise EngineClosedError("the engine is shutting down: it takes no new records")
@@ -281,6 +281,10 @@ class Engine:
         self._active += 1
         self._idle.clear()
         try:
+            if options.windowed:
+                return await self._infer_windows(list(records), options)
+            if options.prompt:
+                records = [prompted(r, options.prompt) for r in records]
             return await self._infer(list(records))
         finally:
             self._active -= 1
@@ -289,7 +293,7 @@ class Engine:
 
     async def _infer(self, records: list[Record]) -> list[Result]:
         if not any(r.error is None for r in records):
-            return [Result(None, error=r.error) for r in records]
+            return [Result(None, error=r.error, windows=0) for r in records]
         mark("first records in", once=True)
         encoded = await asyncio.to_thread(self.tokenizer.encode, records)
         n = len(records)
@@ -297,27 +301,69 @@ class Engine:
         items = []
         for i, (record, enc) in enumerate(zip(records, encoded, strict=True)):
             if enc is None:
-                call.results[i] = Result(None, error=record.error)
+                call.results[i] = Result(None, error=record.error, windows=0)
             else:
                 call.truncated[i] = enc.truncated
                 items.append(Item((call, i), enc.ids, enc.type_ids))
         call.remaining = len(items)
         self.stats.records += len(items)
+        self.stats.windows += len(items)
         try:
             for start in range(0, len(items), ADD_SLICE):
-                part = items[start : start + ADD_SLICE]
-                now = time.monotonic()
-                for item in part:
-                    self._waiting[cast(_Key, item.key)] = now
-                for batch in self.batcher.add(part):
-                    await self._enqueue(batch)
-                self._changed.set()
-                await asyncio.sleep(0)  # let /ping and other requests in between slices
+                await self._add(items[start : start + ADD_SLICE])
             await call.done
         except BaseException:
             call.done.cancel()  # nobody waits for it any more: its late results are dropped
             raise
         return cast(list[Result], call.results)
+
+    async def _add(self, items: list[Item]) -> None:
+        now = time.monotonic()
+        for item in items:
+            self._waiting[cast(_Key, item.key)] = now
+        for batch in self.batcher.add(items):
+            await self._enqueue(batch)
+        self._changed.set()
+        await asyncio.sleep(0)  # let /ping and other requests in between slices
+
+    async def _infer_windows(self, records: list[Record], options: TextOptions) -> list[Result]:
+        """Records → rows to run (a long record's windows tokenized a slice at a time, so
+        its first batches run while the rest are tokenized) → one Result per record."""
+        if not any(r.error is None for r in records):
+            return [Result(None, error=r.error, windows=0) for r in records]
+        mark("first records in", once=True)
+        n = len(records)
+        call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future(), raw={})
+        units: list[Ran] = []
+        failed: dict[int, str] = {}
+        planned = plan_units(self.tokenizer, records, options)
+        call.remaining = 1  # until every unit is planned
+        try:
+            while not call.done.done() and (
+                part := await asyncio.to_thread(_take, planned, ADD_SLICE)
+            ):
+                items = []
+                for unit in part:
+                    if isinstance(unit, Failed):
+                        failed[unit.record] = unit.error
+                        continue
+                    enc = unit.encoded
+                    items.append(Item((call, len(units)), enc.ids, enc.type_ids))
+                    span = Span(unit.chunk, unit.char_start, unit.char_end)
+                    units.append(Ran(unit.record, span, len(enc.ids)))
+                call.remaining += len(items)
+                self.stats.windows += len(items)
+                await self._add(items)
+            self.stats.records += n - len(failed)
+            call.remaining -= 1
+            if not call.remaining and not call.done.done():
+                call.done.set_result(None)
+            await call.done  # raises if a batch of it failed (planning stopped there)
+        except BaseException:
+            call.done.cancel()
+            raise
+        assert call.raw is not None
+        return assemble(self.artifact, records, units, failed, call.raw, options.long_documents)
 
     async def _enqueue(self, batch: Batch) -> None:
         for key in batch.keys:
@@ -392,9 +438,12 @@ class Engine:
             call, i = cast(_Key, batch.keys[row])
             if call.done.done():  # its caller went away, or another batch of it failed
                 continue
-            call.results[i] = Result(
-                {name: col[j] for name, col in columns.items()}, call.truncated[i]
-            )
+            if call.raw is not None:
+                call.raw[i] = outputs[row]
+            else:
+                call.results[i] = Result(
+                    {name: col[j] for name, col in columns.items()}, call.truncated[i]
+                )
             call.remaining -= 1
             if not call.remaining:
                 call.done.set_result(None)
@@ -404,3 +453,7 @@ class Engine:
         for key in batch.keys:
             if key is not None:
                 cast(_Key, key)[0].fail(error)
+
+
+def _take(units: Iterator[Unit | Failed], count: int) -> list[Unit | Failed]:
+    return list(itertools.islice(units, count))

@@ -13,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import posixpath
 
+import pyarrow as pa
+
 from batchjob.config import WorkerSpec
 from batchjob.engine import Engine
-from batchjob.errors import BatchJobError
-from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, Work
+from batchjob.errors import BatchJobError, UsageError
+from batchjob.long_documents import TextOptions
+from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, TextRequest, Work
 from batchjob.paths import allowed, is_under, output_problems, overlap
 from batchjob.pipeline import Counts, chunked, write_shard
+from batchjob.prompts import resolve_text_options
 from batchjob.records import Fields, detect_format, is_gzip, read_records, records_from_objects
 from batchjob.s3 import S3Url
 from batchjob.shards import ShardRef
@@ -32,9 +36,10 @@ SHARDS_IN_FLIGHT = 4  # per job message naming a prefix
 def message_line(what: str, counts: Counts) -> str:
     """A message's log line after its timing: its work, then what came of it."""
     existing = f", {counts.existing} existed already" if counts.existing else ""
+    split = f" ({counts.windows} windows, {counts.split} split)" if counts.split else ""
     return (
         f"{what}: {counts.outputs} output(s) written{existing}, {counts.documents} "
-        f"documents, {counts.errors} error rows"
+        f"documents{split}, {counts.errors} error rows"
     )
 
 
@@ -43,7 +48,16 @@ class Executor:
 
     def __init__(self, spec: WorkerSpec, storage: Storage, engine: Engine) -> None:
         self.spec, self.storage, self.engine = spec, storage, engine
-        self.schema = output_schema(engine.artifact.task)
+        # The worker's flags, checked before it started (worker.py): UsageError there.
+        self.options = resolve_text_options(
+            engine.artifact,
+            engine.tokenizer,
+            long_documents=spec.long_documents,
+            chunk_overlap=spec.chunk_overlap,
+            prompt=spec.prompt,
+            prompt_name=spec.prompt_name,
+            error=UsageError,
+        )
         self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
         self.inferred = 0  # documents with results so far: for the throughput log
         self.output = S3Url.parse(spec.output)
@@ -54,12 +68,31 @@ class Executor:
         counts = Counts()
         for work in works:
             if isinstance(work, InlineWork):
-                counts.add(await self._inline(work))
+                counts.add(await self._inline(work, self._options(work.text)))
             elif isinstance(work, ObjectWork):
-                counts.add(await self._object(work.url, self.spec.output))
+                counts.add(await self._object(work.url, self.spec.output, self.options))
             else:
-                counts.add(await self._job(work))
+                counts.add(await self._job(work, self._options(work.text)))
         return counts
+
+    def _options(self, asked: TextRequest) -> TextOptions:
+        """The worker's options, with what the message asks instead (MessageError if bad)."""
+        spec, options = self.spec, self.options
+        prompt, name = spec.prompt, spec.prompt_name
+        if asked.prompt is not None or asked.prompt_name is not None:
+            prompt, name = asked.prompt, asked.prompt_name
+        return resolve_text_options(
+            self.engine.artifact,
+            self.engine.tokenizer,
+            long_documents=asked.long_documents or options.long_documents,
+            chunk_overlap=(
+                options.chunk_overlap if asked.chunk_overlap is None else asked.chunk_overlap
+            ),
+            prompt=prompt,
+            prompt_name=name,
+            error=MessageError,
+            names=("long_documents", "chunk_overlap", "prompt", "prompt_name"),
+        )
 
     def describe(self, work: Work) -> str:
         if isinstance(work, InlineWork):
@@ -79,16 +112,16 @@ class Executor:
             prefixes = ", ".join(map(str, self.allowed))
             raise MessageError(f"{what} {url} is not under --allow-input ({prefixes}): refused")
 
-    async def _object(self, url: S3Url, output: str) -> Counts:
+    async def _object(self, url: S3Url, output: str, options: TextOptions) -> Counts:
         """One object → `<output>/<key without extension>.parquet`."""
         self._check_input(url, "object")
         name = posixpath.basename(url.key)
         ref = ShardRef(str(url), url.key, detect_format(name), is_gzip(name))
         if why := overlap(output, None, [ref]):
             raise MessageError(f"{why}: refused")
-        return await self._shard(ref, output)
+        return await self._shard(ref, output, options)
 
-    async def _job(self, work: JobWork) -> Counts:
+    async def _job(self, work: JobWork, options: TextOptions) -> Counts:
         self._check_input(S3Url.parse(work.input), "job input")
         output = work.output or self.spec.output
         out = S3Url.parse(output)
@@ -98,7 +131,7 @@ class Executor:
             raise MessageError(f"{why}: refused")
         shards = await self.storage.list_shards(work.input, exclude=output, label="job input")
         if len(shards) == 1 and shards[0].path == work.input:  # an object, not a prefix
-            return await self._object(S3Url.parse(work.input), output)
+            return await self._object(S3Url.parse(work.input), output, options)
         if why := overlap(output, work.input, shards):
             raise MessageError(f"{why}: refused")
         done = await self.storage.existing_outputs(output)
@@ -114,7 +147,7 @@ class Executor:
             # the message's next delivery skips them.
             async with limit:
                 try:
-                    counts.add(await self._shard(ref, output))
+                    counts.add(await self._shard(ref, output, options))
                 except (BatchJobError, OSError) as e:
                     failed.append(f"{ref.rel}: {e}")
 
@@ -126,17 +159,24 @@ class Executor:
             )
         return counts
 
-    async def _inline(self, work: InlineWork) -> Counts:
+    async def _inline(self, work: InlineWork, options: TextOptions) -> Counts:
         rel = f"inline/{work.id}.parquet"
         if await self.storage.output_exists(self.spec.output, rel):
             return Counts(existing=1)
         records = records_from_objects(work.documents, f"inline/{work.id}", self.fields)
-        writer = await self.storage.writer(self.spec.output, rel, self.schema)
+        writer = await self.storage.writer(self.spec.output, rel, self._schema(options))
         return await write_shard(
-            self.engine, writer, chunked(records, CHUNK_RECORDS), on_rows=self._inferred
+            self.engine,
+            writer,
+            chunked(records, CHUNK_RECORDS),
+            on_rows=self._inferred,
+            options=options,
         )
 
-    async def _shard(self, ref: ShardRef, output: str) -> Counts:
+    def _schema(self, options: TextOptions) -> pa.Schema:
+        return output_schema(self.engine.artifact.task, options.long_documents == "chunk")
+
+    async def _shard(self, ref: ShardRef, output: str, options: TextOptions) -> Counts:
         if await self.storage.output_exists(output, ref.output_rel):
             return Counts(existing=1)
         stream = await self.storage.open(ref)
@@ -144,9 +184,9 @@ class Executor:
             reader = read_records(
                 stream, ref.format, ref.rel, self.fields, gzip=ref.gzip, chunk_size=CHUNK_RECORDS
             )
-            writer = await self.storage.writer(output, ref.output_rel, self.schema)
+            writer = await self.storage.writer(output, ref.output_rel, self._schema(options))
             return await write_shard(
-                self.engine, writer, reader, threaded=True, on_rows=self._inferred
+                self.engine, writer, reader, threaded=True, on_rows=self._inferred, options=options
             )
         finally:
             stream.close()

@@ -8,6 +8,11 @@ Three kinds of body, told apart by their fields:
   when notifications are configured, and events other than ObjectCreated, ask for nothing;
 - a job: `{"input": "s3://b/key-or-prefix", "output": "s3://b/prefix/"}` (output optional);
 - inline documents: `{"id": "...", "documents": [{"id": ..., "text": ...}, ...]}`.
+
+A job or inline message may also set how its texts are run, instead of the worker's flags:
+`"long_documents"` (truncate, chunk, mean), `"chunk_overlap"` (tokens), and `"prompt"` or
+`"prompt_name"` (either replaces the worker's prompt). Their types are checked here; their
+values against the model, by the executor.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
+from batchjob.config import LONG_DOCUMENTS
 from batchjob.errors import InputError
 from batchjob.s3 import SCHEME, S3Url, is_s3
 
@@ -37,11 +43,22 @@ class ObjectWork:
 
 
 @dataclass(frozen=True, slots=True)
+class TextRequest:
+    """What a message asks of how its texts are run (None: the worker's flag)."""
+
+    long_documents: str | None = None
+    chunk_overlap: int | None = None
+    prompt: str | None = None
+    prompt_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class JobWork:
     """A job message's input, an object or a prefix (which, only S3 can tell)."""
 
     input: str
     output: str | None = None
+    text: TextRequest = TextRequest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +67,7 @@ class InlineWork:
 
     id: str
     documents: list[Any]
+    text: TextRequest = TextRequest()
 
 
 Work = ObjectWork | JobWork | InlineWork
@@ -127,8 +145,28 @@ def _s3_uri(value: Any, field: str) -> str:
 def _job(value: dict[str, Any]) -> JobWork:
     output = value.get("output")
     return JobWork(
-        _s3_uri(value["input"], "input"), None if output is None else _s3_uri(output, "output")
+        _s3_uri(value["input"], "input"),
+        None if output is None else _s3_uri(output, "output"),
+        _text_request(value, "job message"),
     )
+
+
+def _text_request(value: dict[str, Any], where: str) -> TextRequest:
+    mode = value.get("long_documents")
+    if mode is not None and mode not in LONG_DOCUMENTS:
+        choices = ", ".join(LONG_DOCUMENTS)
+        raise MessageError(f"{where}: long_documents must be one of {choices}, got {mode!r}")
+    overlap = value.get("chunk_overlap")
+    if overlap is not None and (type(overlap) is not int or overlap < 0):
+        raise MessageError(f"{where}: chunk_overlap must be an integer ≥ 0, got {overlap!r}")
+    prompt, name = value.get("prompt"), value.get("prompt_name")
+    if prompt is not None and not isinstance(prompt, str):
+        raise MessageError(f"{where}: prompt must be a string, got {type(prompt).__name__}")
+    if name is not None and not (isinstance(name, str) and name):
+        raise MessageError(f"{where}: prompt_name must be a non-empty string, got {name!r}")
+    if prompt is not None and name is not None:
+        raise MessageError(f"{where}: prompt and prompt_name exclude each other")
+    return TextRequest(mode, overlap, prompt, name)
 
 
 def _inline(value: dict[str, Any], message_id: str) -> InlineWork:
@@ -142,4 +180,4 @@ def _inline(value: dict[str, Any], message_id: str) -> InlineWork:
             f"inline message: id {inline_id!r} must be letters, digits and ._=- "
             "(it names the output file)"
         )
-    return InlineWork(inline_id, documents)
+    return InlineWork(inline_id, documents, _text_request(value, "inline message"))

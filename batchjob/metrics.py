@@ -73,6 +73,12 @@ class WorkerMetrics:
         self.errors = Counter(
             "batchjob_document_errors", "Error rows written", registry=self.registry
         )
+        self.windows = Counter(
+            "batchjob_windows",
+            "Rows the model ran for the documents (more than documents where long ones were "
+            "split: --long-documents chunk, mean)",
+            registry=self.registry,
+        )
         self.delete_failures = Counter(
             "batchjob_delete_failures",
             "Messages whose output was committed but whose delete failed",

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
-from batchjob.engine import Engine, Result
+from batchjob.engine import TRUNCATE, Engine
+from batchjob.long_documents import TextOptions
 from batchjob.records import Record
+from batchjob.results import Result
 from batchjob.sinks import OutputWriter, Row, row_columns
 
 CHUNKS_IN_FLIGHT = 4  # per shard: results are written in order as the oldest chunk finishes
@@ -30,9 +32,11 @@ class Counts:
 
     outputs: int = 0  # outputs written by us
     existing: int = 0  # outputs there already (a redelivery, another run's)
-    documents: int = 0  # rows written
+    documents: int = 0  # records written (a row each, or a row per window: chunk)
     errors: int = 0  # error rows among them
     truncated: int = 0
+    windows: int = 0  # rows the model ran for the documents (--long-documents chunk, mean)
+    split: int = 0  # documents run as more than one window
 
     def add(self, other: Counts) -> None:
         self.outputs += other.outputs
@@ -40,6 +44,8 @@ class Counts:
         self.documents += other.documents
         self.errors += other.errors
         self.truncated += other.truncated
+        self.windows += other.windows
+        self.split += other.split
 
 
 async def write_shard(
@@ -49,27 +55,39 @@ async def write_shard(
     *,
     threaded: bool = False,
     on_rows: Callable[[int], None] | None = None,
+    options: TextOptions = TRUNCATE,
 ) -> Counts:
     """Chunks of records (read in a thread when `threaded`: parsing, maybe gunzip) → the
-    engine → rows in order → `writer`, committed. `on_rows(n)` after each row group."""
+    engine → rows in order → `writer`, committed. `on_rows(n)` after each row group, with
+    the documents it held. With `--long-documents chunk` (`options`), a row per window."""
     counts = Counts()
     task_names = engine.task_names
+    chunked = options.long_documents == "chunk"
     pending: deque[tuple[list[Record], asyncio.Task[list[Result]]]] = deque()
     rows: list[Row] = []
+    documents = 0  # in `rows`
 
     async def oldest_done() -> None:
+        nonlocal documents
         records, task = pending.popleft()
         results = await task
         for record, result in zip(records, results, strict=True):
-            rows.append(Row(record.id, result.values, result.truncated, result.error))
+            documents += 1
+            counts.windows += result.windows
+            counts.split += result.windows > 1
+            if not result.chunks:
+                rows.append(Row(record.id, result.values, result.truncated, result.error))
+            for span, values in result.chunks:
+                rows.append(Row(record.id, values, False, None, astuple(span)))
         if len(rows) >= ROWS_PER_WRITE or not pending:
-            writer.write(row_columns(task_names, rows))
-            counts.documents += len(rows)
+            writer.write(row_columns(task_names, rows, chunked))
+            counts.documents += documents
             counts.errors += sum(row.error is not None for row in rows)
             counts.truncated += sum(row.truncated for row in rows)
             if on_rows is not None:
-                on_rows(len(rows))
+                on_rows(documents)
             rows.clear()
+            documents = 0
 
     try:
         while True:
@@ -79,7 +97,7 @@ async def write_shard(
                 records = next(chunks, None)
             if records is None:
                 break
-            pending.append((records, asyncio.create_task(engine.infer(records))))
+            pending.append((records, asyncio.create_task(engine.infer(records, options))))
             if len(pending) >= CHUNKS_IN_FLIGHT:
                 await oldest_done()
         while pending:

@@ -27,9 +27,11 @@ from batchjob.artifact import Artifact
 from batchjob.config import RunSpec
 from batchjob.engine import Engine, EngineStats, open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
+from batchjob.long_documents import TextOptions
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
 from batchjob.progress import Progress
+from batchjob.prompts import spec_text_options
 from batchjob.records import Fields, read_records
 from batchjob.replica_process import Placement
 from batchjob.s3 import is_s3
@@ -76,9 +78,15 @@ def run(spec: RunSpec) -> int:
     if not is_s3(spec.output) and os.path.exists(spec.output) and not os.path.isdir(spec.output):
         raise UsageError(f"--output {spec.output}: exists and is not a directory")
     report = asyncio.run(_main(spec, started))
-    rate = report.counts.documents / max(report.seconds, 1e-9)
+    counts = report.counts
+    rate = counts.documents / max(report.seconds, 1e-9)
+    windows = (
+        f" ({counts.windows} windows, {counts.split} documents split)"
+        if spec.long_documents != "truncate"
+        else ""
+    )
     print(
-        f"batchjob run: {report.counts.documents} documents, {report.counts.errors} errors, "
+        f"batchjob run: {counts.documents} documents{windows}, {counts.errors} errors, "
         f"{len(report.done)} shards done, {len(report.failed)} failed, "
         f"{len(report.skipped)} skipped, {report.seconds:.1f}s, {rate:.1f} documents/s",
         flush=True,
@@ -103,6 +111,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         if spec.text_pair_field and any(s.format == "txt" for s in shards):
             raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
         artifact, placements = open_artifact(spec)
+        options = spec_text_options(artifact, spec, UsageError)
         mark("artifact verified")
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
@@ -115,7 +124,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         todo = [s for s in todo if s.rel not in problems]
         unfinished = "not finished: the run stopped"
         try:
-            await _run(spec, artifact, placements, storage, todo, report)
+            await _run(spec, artifact, placements, storage, todo, report, options)
         except asyncio.CancelledError:
             if task := asyncio.current_task():
                 task.uncancel()  # handled here: the manifest still gets written
@@ -130,7 +139,8 @@ async def _main(spec: RunSpec, started: float) -> Report:
         finally:
             report.seconds = time.monotonic() - started
             report.account(shards, unfinished)
-            await storage.write_manifest(spec.output, _manifest(spec, artifact, report))
+            manifest = _manifest(spec, artifact, report, options)
+            await storage.write_manifest(spec.output, manifest)
     return report
 
 
@@ -141,6 +151,7 @@ async def _run(
     storage: Storage,
     shards: list[ShardRef],
     report: Report,
+    options: TextOptions,
 ) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -161,7 +172,7 @@ async def _run(
             # Shards are read and tokenized while the replicas load: the first batches are
             # waiting when the first replica is ready. A replica that never comes up fails
             # the run, as it always has.
-            job = _Job(spec, engine, storage, report, progress)
+            job = _Job(spec, engine, storage, report, progress, options)
             work = asyncio.create_task(job.shards(shards))
             try:
                 await pool.start()
@@ -187,11 +198,18 @@ class _Job:
     """The shards of one run through one engine, `--max-shards-in-flight` at a time."""
 
     def __init__(
-        self, spec: RunSpec, engine: Engine, storage: Storage, report: Report, progress: Progress
+        self,
+        spec: RunSpec,
+        engine: Engine,
+        storage: Storage,
+        report: Report,
+        progress: Progress,
+        options: TextOptions,
     ) -> None:
         self.spec, self.engine, self.storage = spec, engine, storage
-        self.report, self.progress = report, progress
-        self.schema = output_schema(engine.artifact.task)
+        self.report, self.progress, self.options = report, progress, options
+        chunked = options.long_documents == "chunk"
+        self.schema = output_schema(engine.artifact.task, chunked)
         self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
 
     async def shards(self, shards: list[ShardRef]) -> None:
@@ -217,7 +235,7 @@ class _Job:
                 ref.rel,
                 self.fields,
                 gzip=ref.gzip,
-                chunk_size=self.spec.chunk_size,
+                chunk_size=self.spec.records_per_read,
             )
             writer = await self.storage.writer(self.spec.output, ref.output_rel, self.schema)
             counts = await write_shard(
@@ -226,6 +244,7 @@ class _Job:
                 reader,
                 threaded=True,
                 on_rows=lambda n: self.progress.add(documents=n),
+                options=self.options,
             )
         except SHARD_ERRORS as e:
             self.report.fail(ref.rel, f"{type(e).__name__}: {e}")
@@ -241,7 +260,9 @@ class _Job:
         log.debug("shard done: %s (%d rows)", ref.rel, counts.documents)
 
 
-def _manifest(spec: RunSpec, artifact: Artifact, report: Report) -> dict[str, Any]:
+def _manifest(
+    spec: RunSpec, artifact: Artifact, report: Report, options: TextOptions
+) -> dict[str, Any]:
     counts = report.counts
     return {
         "input": spec.input,
@@ -253,12 +274,15 @@ def _manifest(spec: RunSpec, artifact: Artifact, report: Report) -> dict[str, An
         "backend": artifact.backend,
         "dtype": artifact.dtype,
         "shapes": [[s.batch_size, s.seq_len] for s in artifact.shapes],
+        **options.describe(),
         "versions": artifact.versions,
         "shards": {"done": report.done, "skipped": report.skipped, "failed": report.failed},
         "counts": {
             "documents": counts.documents,
             "errors": counts.errors,
             "truncated": counts.truncated,
+            "windows": counts.windows,
+            "documents_split": counts.split,
             "batches": report.engine.batches,
             "real_tokens": report.engine.real_tokens,
             "compiled_tokens": report.engine.compiled_tokens,

@@ -10,6 +10,9 @@ Face inference toolkit define, read once here at start-up.
 | shapes        | --batch-size, --buckets, ... | config.json's `neuron` section, else         |
 |               |                              | HF_OPTIMUM_BATCH_SIZE, _SEQUENCE_LENGTH      |
 | backend       | --backend                    | BATCHJOB_BACKEND (the neuronx image sets it) |
+| long documents| --long-documents             | BATCHJOB_LONG_DOCUMENTS                      |
+|               | --chunk-overlap              | BATCHJOB_CHUNK_OVERLAP                       |
+| prompt        | --prompt, --prompt-name      | BATCHJOB_PROMPT, BATCHJOB_PROMPT_NAME        |
 
 Limits (serve_limits.py says how each is enforced): --max-concurrent-requests (default: the
 MaxConcurrentTransforms advertised), --queue-timeout, --header-timeout, --body-timeout.
@@ -24,9 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchjob.config import (
+    DEFAULT_CHUNK_OVERLAP,
+    LONG_DOCUMENTS,
     SHAPE_FIELDS,
     CompileSpec,
     check_replica_options,
+    check_text_options,
     compile_spec,
     default_cache_dir,
     require,
@@ -73,9 +79,14 @@ class ServeSpec:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    long_documents: str = "truncate"
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    prompt: str | None = None
+    prompt_name: str | None = None
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
+        check_text_options(self.long_documents, self.chunk_overlap, self.prompt, self.prompt_name)
         check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
         require(
             0 <= self.max_batch_delay_ms <= 10_000,
@@ -193,6 +204,33 @@ def _shapes(fields: dict[str, Any], model: str, environ: Mapping[str, str]) -> N
         fields["sequence_length"] = length
 
 
+def _text_options(fields: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """--long-documents, --chunk-overlap, --prompt/--prompt-name from the environment where no
+    flag gave them (a prompt flag replaces both prompt variables)."""
+    mode = environ.get("BATCHJOB_LONG_DOCUMENTS", "").strip()
+    if "long_documents" not in fields and mode:
+        require(
+            mode in LONG_DOCUMENTS,
+            f"BATCHJOB_LONG_DOCUMENTS must be one of {', '.join(LONG_DOCUMENTS)}, got {mode!r}",
+        )
+        fields["long_documents"] = mode
+    overlap = _env_int(environ, "BATCHJOB_CHUNK_OVERLAP")
+    if "chunk_overlap" not in fields and overlap is not None:
+        require(overlap >= 0, f"BATCHJOB_CHUNK_OVERLAP must be ≥ 0, got {overlap}")
+        fields["chunk_overlap"] = overlap
+    if "prompt" in fields or "prompt_name" in fields:
+        return
+    # The prompt is taken as it is (a trailing space is part of it); an empty name is none.
+    if "BATCHJOB_PROMPT" in environ:
+        fields["prompt"] = environ["BATCHJOB_PROMPT"]
+    if name := environ.get("BATCHJOB_PROMPT_NAME", "").strip():
+        fields["prompt_name"] = name
+    require(
+        not ("prompt" in fields and "prompt_name" in fields),
+        "BATCHJOB_PROMPT and BATCHJOB_PROMPT_NAME exclude each other",
+    )
+
+
 def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpec:
     """The spec from parsed flags (absent ones missing) and the process environment."""
     fields = dict(flags)
@@ -210,6 +248,7 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
             f"SAGEMAKER_BIND_TO_PORT must be 1..65535, got {port}",
         )
     payload = _env_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB")
+    _text_options(fields, environ)
     options = {
         name: fields[name]
         for name in (
@@ -225,6 +264,10 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
             "queue_timeout",
             "header_timeout",
             "body_timeout",
+            "long_documents",
+            "chunk_overlap",
+            "prompt",
+            "prompt_name",
         )
         if name in fields
     }

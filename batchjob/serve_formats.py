@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from batchjob.engine import Result
 from batchjob.errors import InputError
 from batchjob.records import Fields, Record, read_records
+from batchjob.results import Result
 
 JSONLINES = "application/jsonlines"
 JSON = "application/json"
@@ -213,14 +213,26 @@ def _parse_toolkit(body: bytes, task: str) -> Parsed:
 
 
 def record_object(result: Result) -> dict[str, Any]:
-    """One record's answer: the task's columns (as in the Parquet output), or its error."""
+    """One record's answer: the task's columns (as in the Parquet output), or its error.
+    With `--long-documents chunk`: `chunks`, one object per window (its span, its columns)."""
+    if result.chunks:
+        chunks = [
+            {
+                "chunk": span.chunk,
+                "char_start": span.char_start,
+                "char_end": span.char_end,
+                **_plain(values),
+            }
+            for span, values in result.chunks
+        ]
+        return {"chunks": chunks, "truncated": False}
     if result.error is not None or result.values is None:
         return {"error": result.error or "no result"}
-    out: dict[str, Any] = {}
-    for name, value in result.values.items():
-        out[name] = value if isinstance(value, str) else np.asarray(value).tolist()
-    out["truncated"] = result.truncated
-    return out
+    return {**_plain(result.values), "truncated": result.truncated}
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, str) else np.asarray(v).tolist() for k, v in values.items()}
 
 
 def _toolkit_answer(
@@ -228,6 +240,11 @@ def _toolkit_answer(
 ) -> Any:
     per_input: list[Any] = []
     for result in results:
+        if result.chunks:  # --long-documents chunk: the answer of each window, in order
+            windows = [Result(values) for _, values in result.chunks]
+            each = Toolkit(False, False, toolkit.top_k_given, toolkit.top_k)
+            per_input.append(_toolkit_answer(windows, each, task, labels))
+            continue
         values = result.values or {}
         if task != "text-classification":
             per_input.append(np.asarray(values["embedding"]).tolist())

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from batchjob.artifact import Artifact
-from batchjob.engine import Engine, EngineClosedError, open_artifact, start_engine
+from batchjob.engine import TRUNCATE, Engine, EngineClosedError, open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
+from batchjob.long_documents import TextOptions
+from batchjob.prompts import spec_text_options
 from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
 from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
 from batchjob.serve_limits import NoSlot, SendTimeout, Slots, read_body, send_body
@@ -49,6 +51,7 @@ class _State:
     engine: Engine | None = None  # set once the replicas are ready
     slots: Slots | None = None  # likewise
     draining: bool = False
+    options: TextOptions = TRUNCATE  # --long-documents, --prompt: resolved at start
 
 
 def max_concurrent_transforms(replicas: int, max_payload_mb: int) -> int:
@@ -111,7 +114,7 @@ def build_app(state: _State) -> web.Application:
                 size_in = len(body)
                 parsed = await asyncio.to_thread(parse, kind, body, spec.text_field, artifact.task)
                 del body
-                results = await engine.infer(parsed.records)
+                results = await engine.infer(parsed.records, state.options)
                 payload = await asyncio.to_thread(
                     encode, response.content_type, parsed, results, artifact.task, artifact.labels
                 )
@@ -250,6 +253,7 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
     spec = state.spec
     # In a thread: compiling a plain model takes a while, and /ping must answer meanwhile.
     artifact, placements = await asyncio.to_thread(open_artifact, spec)
+    state.options = await asyncio.to_thread(spec_text_options, artifact, spec, UsageError)
     state.artifact, state.replicas = artifact, len(placements)
     state.slots = Slots(request_slots(spec, len(placements)), spec.queue_timeout)
     state.engine, _ = await start_engine(

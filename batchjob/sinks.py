@@ -28,10 +28,19 @@ MANIFEST = "_manifest.json"
 TMP_SUFFIX = ".tmp"
 
 
-def output_schema(task: str) -> pa.Schema:
+# `--long-documents chunk`: which window of its document a row is (`text[char_start:char_end]`).
+CHUNK_FIELDS = (
+    pa.field("chunk", pa.int32()),
+    pa.field("char_start", pa.int64()),
+    pa.field("char_end", pa.int64()),
+)
+
+
+def output_schema(task: str, chunked: bool = False) -> pa.Schema:
     return pa.schema(
         [
             pa.field("id", pa.string()),
+            *(CHUNK_FIELDS if chunked else ()),
             *task_fields(task),
             pa.field("truncated", pa.bool_()),
             pa.field("error", pa.string()),
@@ -46,11 +55,17 @@ class Row(NamedTuple):
     values: dict[str, Any] | None  # the task's columns; None for an error row
     truncated: bool
     error: str | None
+    span: tuple[int, int, int] | None = None  # chunked: (chunk, char_start, char_end)
 
 
-def row_columns(task_names: list[str], rows: list[Row]) -> dict[str, list[Any]]:
+def row_columns(
+    task_names: list[str], rows: list[Row], chunked: bool = False
+) -> dict[str, list[Any]]:
     """Rows → the output's columns (`output_schema`), for `OutputWriter.write`."""
     columns: dict[str, list[Any]] = {"id": [r.id for r in rows]}
+    if chunked:
+        for k, name in enumerate(("chunk", "char_start", "char_end")):
+            columns[name] = [None if r.span is None else r.span[k] for r in rows]
     for name in task_names:
         columns[name] = [None if r.values is None else r.values[name] for r in rows]
     columns["truncated"] = [r.truncated for r in rows]

@@ -77,6 +77,16 @@ class RecordTokenizer:
         # Up to this many characters a text is tokenized whole: the first window would be.
         self.long_text = 16 * max_length + 4 * MARGIN
 
+    @property
+    def raw(self) -> Tokenizer:
+        """The tokenizer without special tokens, truncation or padding: raw offsets."""
+        return self._raw
+
+    def special_tokens(self, pair: bool = False) -> int:
+        """How many special tokens the post-processor adds to one text (or a pair)."""
+        count: int = self._tokenizer.num_special_tokens_to_add(pair)
+        return count
+
     def encode(self, records: list[Record]) -> list[Encoded | None]:
         """One entry per record, None where the record is an error."""
         out: list[Encoded | None] = [None] * len(records)

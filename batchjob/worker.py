@@ -30,11 +30,12 @@ from typing import Any
 
 from batchjob.config import WorkerSpec
 from batchjob.engine import Engine, open_artifact, start_engine
-from batchjob.errors import BatchJobError
+from batchjob.errors import BatchJobError, UsageError
 from batchjob.executor import Executor, message_line
 from batchjob.messages import ObjectWork, Work, parse_message
 from batchjob.metrics import WorkerMetrics
 from batchjob.pipeline import Counts
+from batchjob.prompts import spec_text_options
 from batchjob.replicas import ReplicaPool
 from batchjob.sqs import MAX_WAIT_SECONDS, Message, QueueError, SqsQueue
 from batchjob.storage import Storage
@@ -276,6 +277,7 @@ class Worker:
             summary.counts.add(counts)
             self.metrics.documents.inc(counts.documents)
             self.metrics.errors.inc(counts.errors)
+            self.metrics.windows.inc(counts.windows)
 
     async def _work(self, message: Message) -> tuple[str, Counts] | None:
         """The message's work, done: what it was and its counts; None when it asks for
@@ -344,6 +346,8 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
             await stack.enter_async_context(storage)
             await storage.check_writable(spec.output)
             artifact, placements = await asyncio.to_thread(open_artifact, spec)
+            # Bad --prompt-name, --chunk-overlap...: refused before any replica starts.
+            await asyncio.to_thread(spec_text_options, artifact, spec, UsageError)
             metrics = WorkerMetrics()
             if spec.metrics_port is not None:
                 runner = await metrics.serve(spec.metrics_host, spec.metrics_port)

@@ -174,9 +174,12 @@ class RunResult:
     cpu: CpuUse | None  # from the pool-ready log line to exit, over pipeline_seconds
 
 
-def batchjob_run(artifact: Path, input_dir: Path, output_dir: Path) -> RunResult:
+def batchjob_run(
+    artifact: Path, input_dir: Path, output_dir: Path, flags: list[str] | None = None
+) -> RunResult:
     command = [sys.executable, "-m", "batchjob", "run", "--model", str(artifact)]
     command += ["--input", str(input_dir), "--output", str(output_dir), "--progress", "none"]
+    command += flags or []
     log: list[str] = []
     marks: dict[str, Any] = {}
     started = time.perf_counter()

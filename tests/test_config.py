@@ -270,7 +270,13 @@ def run_spec(**options: object) -> RunSpec:
 def test_run_spec_defaults() -> None:
     spec = run_spec()
     assert spec.replicas is None
-    assert (spec.sort_window, spec.chunk_size, spec.cores_per_replica) == (4096, 1024, 1)
+    assert (spec.sort_window, spec.records_per_read, spec.cores_per_replica) == (4096, 1024, 1)
+    assert (spec.long_documents, spec.chunk_overlap, spec.prompt, spec.prompt_name) == (
+        "truncate",
+        32,
+        None,
+        None,
+    )
     assert (spec.format, spec.progress, spec.text_field, spec.id_field) == (
         "auto",
         "auto",
@@ -291,7 +297,11 @@ def test_run_spec_defaults() -> None:
         ({"cores_per_replica": 0}, "--cores-per-replica must be ≥ 1, got 0"),
         ({"sort_window": 0}, "--sort-window must be ≥ 1, got 0"),
         ({"sort_window": -5}, "--sort-window must be ≥ 1, got -5"),
-        ({"chunk_size": 0}, "--chunk-size must be ≥ 1, got 0"),
+        ({"records_per_read": 0}, "--records-per-read must be ≥ 1, got 0"),
+        ({"chunk_size": 0}, "--records-per-read must be ≥ 1, got 0"),
+        ({"long_documents": "split"}, "--long-documents must be one of truncate, chunk, mean"),
+        ({"chunk_overlap": -1}, "--chunk-overlap must be ≥ 0, got -1"),
+        ({"prompt": "q: ", "prompt_name": "query"}, "--prompt and --prompt-name exclude"),
         ({"replica_start_timeout": 0}, "--replica-start-timeout must be > 0, got 0"),
         ({"replica_start_timeout": -1.5}, "--replica-start-timeout must be > 0, got -1.5"),
     ],
@@ -302,8 +312,16 @@ def test_run_spec_validation(options: dict[str, object], message: str) -> None:
 
 
 def test_run_spec_accepts_boundary_values() -> None:
-    spec = run_spec(replicas=1, sort_window=1, chunk_size=1, replica_start_timeout=0.5)
-    assert (spec.replicas, spec.sort_window, spec.chunk_size) == (1, 1, 1)
+    spec = run_spec(replicas=1, sort_window=1, records_per_read=1, replica_start_timeout=0.5)
+    assert (spec.replicas, spec.sort_window, spec.records_per_read) == (1, 1, 1)
+
+
+def test_chunk_size_is_a_deprecated_alias_of_records_per_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spec = run_spec(chunk_size=7)
+    assert spec.records_per_read == 7
+    assert "--chunk-size is deprecated: it is --records-per-read now" in caplog.text
 
 
 def test_run_spec_cache_dir_defaults_to_xdg_cache_home(
@@ -325,3 +343,12 @@ def test_run_spec_cache_dir_falls_back_to_home(
 def test_run_spec_keeps_a_given_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", "/elsewhere")
     assert run_spec(cache_dir="/mine").cache_dir == "/mine"
+
+
+def test_chunk_size_and_records_per_read_together_are_refused() -> None:
+    from batchjob.config import run_spec as spec_from_fields
+
+    fields = {"model": "m", "input": "in", "output": "out", "chunk_size": 8}
+    assert spec_from_fields(dict(fields)).records_per_read == 8
+    with usage_error("--chunk-size is the deprecated name of --records-per-read: give one"):
+        spec_from_fields(fields | {"records_per_read": 16})

@@ -18,7 +18,7 @@ from batchjob.config import CompileSpec, WorkerSpec
 from batchjob.engine import Engine
 from batchjob.errors import BatchJobError
 from batchjob.executor import Executor, message_line
-from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork
+from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, TextRequest
 from batchjob.pipeline import Counts
 from batchjob.s3 import S3Url
 from batchjob.storage import Storage
@@ -65,7 +65,7 @@ def test_an_object_then_its_redelivery(
     bucket.put("in/sub/a.jsonl", doc("a1") + doc("a2") + b"not json\n")
     work = [ObjectWork(S3Url(bucket.name, "in/sub/a.jsonl"))]
     counts = do(classifier, bucket, lambda e: e.do(work))
-    assert counts == Counts(outputs=1, documents=3, errors=1)
+    assert counts == Counts(outputs=1, documents=3, errors=1, windows=2)
     assert ids(bucket, "out/in/sub/a.parquet") == ["a1", "a2", "in/sub/a.jsonl:3"]
     gets = len(proxy.seen("GET", "/in/sub/a.jsonl"))
     again = do(classifier, bucket, lambda e: e.do(work))
@@ -103,8 +103,39 @@ def test_a_prefix_job_skips_what_is_done_and_fails_only_the_bad_shards(
 def test_inline_documents(classifier: Artifact, bucket: Bucket) -> None:
     work = InlineWork("batch-1", [{"id": "x", "text": "hello"}, {"text": 3}])
     counts = do(classifier, bucket, lambda e: e.do([work]))
-    assert counts == Counts(outputs=1, documents=2, errors=1)
+    assert counts == Counts(outputs=1, documents=2, errors=1, windows=1)
     assert ids(bucket, "out/inline/batch-1.parquet") == ["x", "inline/batch-1:2"]
+
+
+def test_a_message_sets_long_documents_and_the_prompt(classifier: Artifact, bucket: Bucket) -> None:
+    """Inline documents in windows: a row per window, and the prompt in every window."""
+    long = " ".join(["word"] * 100)  # 100 tokens: windows of 32 - 2 - 2 (the prompt)
+    request = TextRequest("chunk", 4, "q: ", None)
+    work = InlineWork("batch-2", [{"id": "long", "text": long}, {"id": "s", "text": "hi"}], request)
+    counts = do(classifier, bucket, lambda e: e.do([work]))
+    table = pq.read_table(io.BytesIO(bucket.get("out/inline/batch-2.parquet"))).to_pylist()
+    assert [(r["id"], r["chunk"]) for r in table][-2:] == [("long", len(table) - 2), ("s", 0)]
+    assert (counts.documents, counts.windows, counts.split) == (2, len(table), 1)
+    assert table[0]["char_start"] == 0
+    assert table[-2]["char_end"] == len(long)
+    line = message_line("inline", counts)
+    assert line.endswith(f"2 documents ({len(table)} windows, 1 split), 0 error rows")
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (TextRequest(prompt_name="nope"), "prompt_name 'nope': the model has no such prompt"),
+        (TextRequest("chunk", 30), "chunk_overlap must be ≥ 0 and less than a window's 30"),
+    ],
+)
+def test_a_message_asking_for_what_the_model_cannot_do_fails(
+    classifier: Artifact, bucket: Bucket, request_: TextRequest, message: str
+) -> None:
+    work = InlineWork("batch-3", [{"id": "a", "text": "hi"}], request_)
+    with pytest.raises(MessageError, match=message):
+        do(classifier, bucket, lambda e: e.do([work]))
+    assert bucket.keys("out/", internal=True) == []
 
 
 @pytest.mark.parametrize(

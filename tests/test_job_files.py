@@ -109,3 +109,15 @@ def test_job_file_values_of_the_wrong_type(tmp_path: Path, text: str, message: s
 def test_job_file_numbers_where_floats_go(tmp_path: Path) -> None:
     job = write(tmp_path / "job.yaml", "replica-start-timeout: 30\nreplicas: null\n")
     assert load_job_file(job) == {"replica_start_timeout": 30, "replicas": None}
+
+
+def test_job_file_long_documents_and_prompt(tmp_path: Path) -> None:
+    from batchjob.config import run_spec
+
+    text = "model: m\ninput: in\noutput: out\nlong-documents: chunk\nchunk_overlap: 16\n"
+    text += 'prompt: "query: "\nrecords_per_read: 64\n'
+    spec = run_spec(load_job_file(write(tmp_path / "job.yaml", text), "run"))
+    assert (spec.long_documents, spec.chunk_overlap, spec.prompt) == ("chunk", 16, "query: ")
+    assert spec.records_per_read == 64
+    with usage_error("chunk_overlap must be an integer, got '16'"):
+        load_job_file(write(tmp_path / "bad.yaml", 'chunk_overlap: "16"\n'), "run")

@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, parse_message
+from batchjob.messages import (
+    InlineWork,
+    JobWork,
+    MessageError,
+    ObjectWork,
+    TextRequest,
+    parse_message,
+)
 from batchjob.s3 import S3Url
 
 
@@ -58,6 +65,16 @@ def test_job_messages() -> None:
     ]
 
 
+def test_job_and_inline_messages_may_set_long_documents_and_the_prompt() -> None:
+    text = {"long_documents": "chunk", "chunk_overlap": 16, "prompt_name": "query"}
+    assert parse({"input": "s3://b/in/", **text}) == [
+        JobWork("s3://b/in/", text=TextRequest("chunk", 16, None, "query"))
+    ]
+    assert parse({"id": "x", "documents": [], "prompt": "q: ", "long_documents": "mean"}) == [
+        InlineWork("x", [], TextRequest("mean", None, "q: ", None))
+    ]
+
+
 def test_inline_documents_take_their_id_or_the_message_id() -> None:
     docs = [{"id": 1, "text": "a"}, "bad"]
     assert parse({"id": "batch-1", "documents": docs}) == [InlineWork("batch-1", docs)]
@@ -81,6 +98,21 @@ def test_inline_documents_take_their_id_or_the_message_id() -> None:
         ({"documents": {"text": "x"}}, "inline message: documents must be a list, got dict"),
         ({"id": "../up", "documents": []}, "inline message: id '../up' must be letters"),
         ({"id": 7, "documents": []}, "inline message: id 7 must be letters"),
+        (
+            {"input": "s3://b/k", "long_documents": "split"},
+            "job message: long_documents must be one of truncate, chunk, mean, got 'split'",
+        ),
+        (
+            {"documents": [], "chunk_overlap": True},
+            "inline message: chunk_overlap must be an integer ≥ 0, got True",
+        ),
+        ({"input": "s3://b/k", "chunk_overlap": -1}, "chunk_overlap must be an integer ≥ 0"),
+        ({"input": "s3://b/k", "prompt": 3}, "job message: prompt must be a string, got int"),
+        ({"input": "s3://b/k", "prompt_name": ""}, "prompt_name must be a non-empty string"),
+        (
+            {"input": "s3://b/k", "prompt": "q: ", "prompt_name": "query"},
+            "job message: prompt and prompt_name exclude each other",
+        ),
     ],
 )
 def test_bad_bodies_are_message_errors_naming_the_problem(body: Any, error: str) -> None:

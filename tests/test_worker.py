@@ -296,6 +296,7 @@ def test_metrics_and_a_clean_sigterm_when_idle(
         'batchjob_messages_total{outcome="failed"} 0.0',
         "batchjob_documents_total 3.0",
         "batchjob_document_errors_total 1.0",
+        "batchjob_windows_total 2.0",
         "batchjob_replica_restarts_total 0.0",
         "batchjob_messages_in_progress 0.0",
     ):

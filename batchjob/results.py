@@ -1,0 +1,103 @@
+"""A record's outcome (`Result`), and the results of records run as windows, put together.
+
+`--long-documents chunk`: one (span, values) per window. `mean`: one set of values per
+record, from its windows' outputs: feature-extraction, their mean weighted by each window's
+real tokens, normalised again where the model's embeddings are; text-classification, the
+plain mean of their logits, then the model's activation (`tasks.task_columns`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from batchjob.artifact import Artifact
+from batchjob.records import Record
+from batchjob.tasks import task_columns
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Which window of its record a chunk row is: `text[char_start:char_end]`."""
+
+    chunk: int
+    char_start: int
+    char_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """A row that ran for record `record` (a window of it): what putting results together
+    needs of it, without its token ids (a document of megabytes has many windows)."""
+
+    record: int
+    span: Span
+    tokens: int  # its real tokens, special tokens included: its weight in a mean
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One record's outcome: the task's values (as `tasks.task_columns` names them), or error.
+    With `--long-documents chunk`, `chunks` holds one (span, values) per window instead."""
+
+    values: dict[str, Any] | None
+    truncated: bool = False
+    error: str | None = None
+    chunks: tuple[tuple[Span, dict[str, Any]], ...] = ()
+    windows: int = 1  # rows the model ran for it (0 for an error)
+
+
+def assemble(
+    artifact: Artifact,
+    records: Sequence[Record],
+    units: Sequence[Ran],
+    failed: dict[int, str],
+    outputs: dict[int, np.ndarray],
+    mode: str,
+) -> list[Result]:
+    """One Result per record from its units' graph outputs (`outputs[i]` is units[i]'s)."""
+    by_record: dict[int, list[int]] = {}
+    for i, unit in enumerate(units):
+        by_record.setdefault(unit.record, []).append(i)
+    results = [
+        Result(None, error=failed.get(i, record.error or "no result"), windows=0)
+        for i, record in enumerate(records)
+    ]
+    if not units:
+        return results
+    if mode == "chunk":
+        columns = task_columns(artifact, np.stack([outputs[i] for i in range(len(units))]))
+        for record, indices in by_record.items():
+            chunks = tuple(
+                (units[i].span, {name: column[i] for name, column in columns.items()})
+                for i in indices
+            )
+            results[record] = Result(None, chunks=chunks, windows=len(indices))
+        return results
+    order = list(by_record)
+    means = np.stack([_combine(artifact, units, outputs, by_record[r]) for r in order])
+    columns = task_columns(artifact, means)
+    for j, record in enumerate(order):
+        values = {name: column[j] for name, column in columns.items()}
+        results[record] = Result(values, windows=len(by_record[record]))
+    return results
+
+
+def _combine(
+    artifact: Artifact, units: Sequence[Ran], outputs: dict[int, np.ndarray], indices: list[int]
+) -> np.ndarray:
+    rows = np.stack([outputs[i] for i in indices]).astype(np.float64)
+    if len(indices) == 1:
+        first: np.ndarray = rows[0]
+        return first
+    if artifact.task == "text-classification":
+        mean: np.ndarray = rows.mean(axis=0)
+        return mean
+    weights = np.array([units[i].tokens for i in indices], dtype=np.float64)
+    pooled: np.ndarray = weights @ rows / weights.sum()
+    if artifact.normalize:
+        pooled = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+    return pooled
