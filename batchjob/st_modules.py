@@ -140,7 +140,7 @@ def read_pooling(path: str) -> tuple[str, ...]:
     config = _load_json(path)
     if not isinstance(config, dict):
         raise UsageError(f"{path}: expected a JSON object")
-    # include_prompt is not read: it only leaves a prompt's tokens out, and batchjob adds none.
+    # include_prompt is read with the prompts (prompts.py): it matters only when there is one.
     mode = config.get("pooling_mode")
     if mode is None:
         modes = tuple(m for flag, m in _LEGACY_FLAGS.items() if config.get(flag))
