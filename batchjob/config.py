@@ -30,7 +30,7 @@ POOLINGS = ("auto", *POOLING_MODES)
 LONG_DOCUMENTS = ("truncate", "chunk", "mean")  # long_documents.py says what each does
 DEFAULT_CHUNK_OVERLAP = 32
 
-# With no shape option at all, the compiled length is the model's own (compile.model_length),
+# With no shape option at all, the compiled length is the model's own (compile_plan.model_length),
 # at most MAX_DEFAULT_LENGTH. Buckets are the standard lengths below it and that length,
 # each batch a token budget's worth of rows: on the typical short-document corpus this
 # wastes little on padding (BENCHMARKS.md). Packing compiles one row of that length.
@@ -81,7 +81,7 @@ def resolve_shapes(
     (or `--batch-size` rows when only that is given). `--batch-size`/`--sequence-length`
     alone give the classic single shape, 6×128 by default. `--max-batch-tokens` alone gives
     DEFAULT_BUCKETS with that budget. No shape flag at all is decided by the model (its
-    length: compile.plan), not here.
+    length: compile_plan.plan), not here.
     """
     for flag, value in (
         ("--batch-size", batch_size),

@@ -48,14 +48,16 @@ def parse_args() -> argparse.Namespace:
 def compile_with_attention(root: Path, model: Path, attention: str) -> Path:
     """The default artifact, its graphs computing attention the `attention` way."""
     from batchjob import compile as compiling
+    from batchjob.compile_plan import Plan
     from batchjob.config import CompileSpec
+    from batchjob.models import LoadedModel
 
     path = root / "artifacts" / f"attention-{attention}-{fixtures.artifact_key([attention])}"
     if (path / "batchjob.json").exists():
         return path
     chosen = compiling.plan
 
-    def forced(spec: CompileSpec, loaded: compiling.LoadedModel) -> compiling.Plan:
+    def forced(spec: CompileSpec, loaded: LoadedModel) -> Plan:
         return dataclasses.replace(chosen(spec, loaded), attention=attention)
 
     compiling.plan = forced  # type: ignore[assignment]

@@ -27,8 +27,8 @@ from batchjob.compile import (
     compile_artifact,
     ensure_artifact,
     example_inputs,
-    resolve_dtype,
 )
+from batchjob.compile_plan import resolve_dtype
 from batchjob.config import CompileSpec
 from batchjob.errors import UsageError
 from batchjob.models import infer_task, read_pooling

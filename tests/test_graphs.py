@@ -1,6 +1,6 @@
 """Attention as batched matmuls (graphs.ATTENTION_BMM): the same outputs as the model's own.
 
-Packed bf16 graphs on CPU compute attention with baddbmm/softmax/bmm (compile.plan chooses
+Packed bf16 graphs on CPU compute attention with baddbmm/softmax/bmm (compile_plan.plan chooses
 it); every packing family is checked here as tests/test_packing.py checks SDPA: each
 document's packed output against the eager model run on it alone, in fp32 (bmm forced) to
 1e-5, and in bf16 (the default choice) to the bf16 tolerance of tests/test_compile.py.
@@ -19,7 +19,8 @@ import torch
 from batchjob import compile as compiling
 from batchjob.backends.cpu import fuse_linear_epilogues
 from batchjob.batching import Shape
-from batchjob.compile import compile_artifact, plan
+from batchjob.compile import compile_artifact
+from batchjob.compile_plan import Plan, plan
 from batchjob.config import CompileSpec
 from batchjob.graphs import ATTENTION_BMM, ATTENTION_SDPA, bmm_attention
 from batchjob.models import load_model
@@ -36,7 +37,7 @@ def spy_attention(monkeypatch: pytest.MonkeyPatch, force: str | None = None) -> 
     chosen: list[str] = []
     original = compiling.plan
 
-    def planned(spec: CompileSpec, loaded: Any) -> compiling.Plan:
+    def planned(spec: CompileSpec, loaded: Any) -> Plan:
         found = original(spec, loaded)
         if force is not None:
             found = dataclasses.replace(found, attention=force)

@@ -19,7 +19,8 @@ import torch
 
 from batchjob.artifact import Artifact, ArtifactLoader
 from batchjob.batching import Batch, BucketBatcher, Item, PackingBatcher, Shape
-from batchjob.compile import compile_artifact, model_length, plan
+from batchjob.compile import compile_artifact
+from batchjob.compile_plan import model_length, plan
 from batchjob.config import CompileSpec
 from batchjob.errors import UsageError
 from batchjob.models import load_model
