@@ -34,6 +34,7 @@ from batchjob.artifact import Artifact, ArtifactLoader, is_artifact, load_artifa
 from batchjob.backends import backend_device
 from batchjob.batching import Batch, Batcher, Item, make_batcher
 from batchjob.config import CompileSpec
+from batchjob.embeddings import Embedder
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.records import Record
 from batchjob.replica_process import Placement, plan_placements
@@ -142,6 +143,7 @@ async def start_engine(
     max_batch_delay: float,
     sort_window: int = 4096,
     wait_for_replicas: bool = True,
+    embedder: Embedder | None = None,
 ) -> tuple[Engine, ReplicaPool]:
     """The replicas started, the tokenizer loaded meanwhile (in a thread), and an engine over
     them; `stack` closes both (the engine first). Returns once a replica is ready (the others
@@ -170,6 +172,7 @@ async def start_engine(
         max_batch_delay=max_batch_delay,
         sort_window=sort_window,
         tokenizer=tokenizer.result(),
+        embedder=embedder,
     )
     await stack.enter_async_context(engine)
     return engine, pool
@@ -204,10 +207,12 @@ class Engine:
         max_batch_delay: float = DEFAULT_MAX_BATCH_DELAY,
         sort_window: int = 4096,
         tokenizer: RecordTokenizer | None = None,
+        embedder: Embedder | None = None,  # None: embeddings as the graph gives them (float32)
     ) -> None:
         if not max_batch_delay >= 0:
             raise UsageError(f"max_batch_delay must be ≥ 0 seconds, got {max_batch_delay}")
         self.artifact, self.pool, self.max_batch_delay = artifact, pool, max_batch_delay
+        self.embedder = embedder
         self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
         self.task_names = [f.name for f in task_fields(artifact.task)]  # the output's columns
@@ -383,7 +388,7 @@ class Engine:
         try:
             outputs = future.result()
             rows = np.flatnonzero(batch.valid)
-            columns = task_columns(self.artifact, outputs[rows])
+            columns = task_columns(self.artifact, outputs[rows], self.embedder)
         except Exception as e:  # a callback's exception would only be logged: callers would hang
             shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
             self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))

@@ -11,18 +11,19 @@ workers racing on one message write one object, and the second counts it as exis
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import posixpath
 
 from batchjob.config import WorkerSpec
 from batchjob.engine import Engine
-from batchjob.errors import BatchJobError
+from batchjob.errors import BatchJobError, UsageError
 from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, Work
 from batchjob.paths import allowed, is_under, output_problems, overlap
 from batchjob.pipeline import Counts, chunked, write_shard
 from batchjob.records import Fields, detect_format, is_gzip, read_records, records_from_objects
 from batchjob.s3 import S3Url
 from batchjob.shards import ShardRef
-from batchjob.sinks import output_schema
+from batchjob.sinks import SchemaSource, check_keep_columns, output_schema_source
 from batchjob.storage import Storage
 
 CHUNK_RECORDS = 256  # records per Engine.infer call: small, for a message's latency
@@ -43,12 +44,23 @@ class Executor:
 
     def __init__(self, spec: WorkerSpec, storage: Storage, engine: Engine) -> None:
         self.spec, self.storage, self.engine = spec, storage, engine
-        self.schema = output_schema(engine.artifact.task)
         self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
         self.inferred = 0  # documents with results so far: for the throughput log
         self.output = S3Url.parse(spec.output)
         # None: --allow-any-input. Else what S3 events and job messages may read.
         self.allowed = None if spec.allow_any_input else [S3Url.parse(p) for p in spec.allow_input]
+
+    def _output(self, keep: tuple[str, ...] | None) -> tuple[Fields, SchemaSource]:
+        """How records are read and outputs written for a message that keeps `keep` (None:
+        --keep-columns)."""
+        if keep is None:
+            keep = self.spec.output_format.keep_columns
+        try:
+            check_keep_columns(keep, self.engine.task_names, "keep_columns")
+        except UsageError as e:
+            raise MessageError(str(e)) from None
+        fields = dataclasses.replace(self.fields, keep=keep)
+        return fields, output_schema_source(self.engine, keep)
 
     async def do(self, works: list[Work]) -> Counts:
         counts = Counts()
@@ -56,7 +68,7 @@ class Executor:
             if isinstance(work, InlineWork):
                 counts.add(await self._inline(work))
             elif isinstance(work, ObjectWork):
-                counts.add(await self._object(work.url, self.spec.output))
+                counts.add(await self._object(work.url, self.spec.output, None))
             else:
                 counts.add(await self._job(work))
         return counts
@@ -79,17 +91,18 @@ class Executor:
             prefixes = ", ".join(map(str, self.allowed))
             raise MessageError(f"{what} {url} is not under --allow-input ({prefixes}): refused")
 
-    async def _object(self, url: S3Url, output: str) -> Counts:
+    async def _object(self, url: S3Url, output: str, keep: tuple[str, ...] | None) -> Counts:
         """One object → `<output>/<key without extension>.parquet`."""
         self._check_input(url, "object")
         name = posixpath.basename(url.key)
         ref = ShardRef(str(url), url.key, detect_format(name), is_gzip(name))
         if why := overlap(output, None, [ref]):
             raise MessageError(f"{why}: refused")
-        return await self._shard(ref, output)
+        return await self._shard(ref, output, keep)
 
     async def _job(self, work: JobWork) -> Counts:
         self._check_input(S3Url.parse(work.input), "job input")
+        self._output(work.keep_columns)  # a bad keep_columns fails the message before work
         output = work.output or self.spec.output
         out = S3Url.parse(output)
         if not is_under(S3Url(out.bucket, out.prefix), self.output):
@@ -98,7 +111,7 @@ class Executor:
             raise MessageError(f"{why}: refused")
         shards = await self.storage.list_shards(work.input, exclude=output, label="job input")
         if len(shards) == 1 and shards[0].path == work.input:  # an object, not a prefix
-            return await self._object(S3Url.parse(work.input), output)
+            return await self._object(S3Url.parse(work.input), output, work.keep_columns)
         if why := overlap(output, work.input, shards):
             raise MessageError(f"{why}: refused")
         done = await self.storage.existing_outputs(output)
@@ -114,7 +127,7 @@ class Executor:
             # the message's next delivery skips them.
             async with limit:
                 try:
-                    counts.add(await self._shard(ref, output))
+                    counts.add(await self._shard(ref, output, work.keep_columns))
                 except (BatchJobError, OSError) as e:
                     failed.append(f"{ref.rel}: {e}")
 
@@ -128,25 +141,36 @@ class Executor:
 
     async def _inline(self, work: InlineWork) -> Counts:
         rel = f"inline/{work.id}.parquet"
+        fields, schema = self._output(work.keep_columns)
         if await self.storage.output_exists(self.spec.output, rel):
             return Counts(existing=1)
-        records = records_from_objects(work.documents, f"inline/{work.id}", self.fields)
-        writer = await self.storage.writer(self.spec.output, rel, self.schema)
+        records = records_from_objects(work.documents, f"inline/{work.id}", fields)
+        writer = await self.storage.writer(self.spec.output, rel, schema)
         return await write_shard(
-            self.engine, writer, chunked(records, CHUNK_RECORDS), on_rows=self._inferred
+            self.engine,
+            writer,
+            chunked(records, CHUNK_RECORDS),
+            on_rows=self._inferred,
+            keep=fields.keep,
         )
 
-    async def _shard(self, ref: ShardRef, output: str) -> Counts:
+    async def _shard(self, ref: ShardRef, output: str, keep: tuple[str, ...] | None) -> Counts:
+        fields, schema = self._output(keep)
         if await self.storage.output_exists(output, ref.output_rel):
             return Counts(existing=1)
         stream = await self.storage.open(ref)
         try:
             reader = read_records(
-                stream, ref.format, ref.rel, self.fields, gzip=ref.gzip, chunk_size=CHUNK_RECORDS
+                stream, ref.format, ref.rel, fields, gzip=ref.gzip, chunk_size=CHUNK_RECORDS
             )
-            writer = await self.storage.writer(output, ref.output_rel, self.schema)
+            writer = await self.storage.writer(output, ref.output_rel, schema)
             return await write_shard(
-                self.engine, writer, reader, threaded=True, on_rows=self._inferred
+                self.engine,
+                writer,
+                reader,
+                threaded=True,
+                on_rows=self._inferred,
+                keep=fields.keep,
             )
         finally:
             stream.close()

@@ -8,6 +8,9 @@ Three kinds of body, told apart by their fields:
   when notifications are configured, and events other than ObjectCreated, ask for nothing;
 - a job: `{"input": "s3://b/key-or-prefix", "output": "s3://b/prefix/"}` (output optional);
 - inline documents: `{"id": "...", "documents": [{"id": ..., "text": ...}, ...]}`.
+
+Job and inline messages may carry `"keep_columns": ["url", "lang"]` (or `"url,lang"`): the
+input columns copied into their outputs, instead of the worker's --keep-columns.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-from batchjob.errors import InputError
+from batchjob.errors import InputError, UsageError
+from batchjob.output_format import parse_keep_columns
 from batchjob.s3 import SCHEME, S3Url, is_s3
 
 # An inline message's id names its output file: one path component, no surprises.
@@ -42,6 +46,7 @@ class JobWork:
 
     input: str
     output: str | None = None
+    keep_columns: tuple[str, ...] | None = None  # None: the worker's --keep-columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,7 @@ class InlineWork:
 
     id: str
     documents: list[Any]
+    keep_columns: tuple[str, ...] | None = None
 
 
 Work = ObjectWork | JobWork | InlineWork
@@ -124,10 +130,21 @@ def _s3_uri(value: Any, field: str) -> str:
     return value
 
 
+def _keep_columns(value: dict[str, Any], what: str) -> tuple[str, ...] | None:
+    if value.get("keep_columns") is None:
+        return None
+    try:
+        return parse_keep_columns(value["keep_columns"], f"{what}: keep_columns")
+    except UsageError as e:
+        raise MessageError(str(e)) from None
+
+
 def _job(value: dict[str, Any]) -> JobWork:
     output = value.get("output")
     return JobWork(
-        _s3_uri(value["input"], "input"), None if output is None else _s3_uri(output, "output")
+        _s3_uri(value["input"], "input"),
+        None if output is None else _s3_uri(output, "output"),
+        _keep_columns(value, "job message"),
     )
 
 
@@ -142,4 +159,4 @@ def _inline(value: dict[str, Any], message_id: str) -> InlineWork:
             f"inline message: id {inline_id!r} must be letters, digits and ._=- "
             "(it names the output file)"
         )
-    return InlineWork(inline_id, documents)
+    return InlineWork(inline_id, documents, _keep_columns(value, "inline message"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from batchjob.engine import Engine, Result
@@ -49,9 +49,11 @@ async def write_shard(
     *,
     threaded: bool = False,
     on_rows: Callable[[int], None] | None = None,
+    keep: Sequence[str] = (),
 ) -> Counts:
     """Chunks of records (read in a thread when `threaded`: parsing, maybe gunzip) → the
-    engine → rows in order → `writer`, committed. `on_rows(n)` after each row group."""
+    engine → rows in order → `writer`, committed. `on_rows(n)` after each row group; `keep`
+    names the records' kept columns (`Record.kept`, read with `Fields.keep`)."""
     counts = Counts()
     task_names = engine.task_names
     pending: deque[tuple[list[Record], asyncio.Task[list[Result]]]] = deque()
@@ -61,9 +63,9 @@ async def write_shard(
         records, task = pending.popleft()
         results = await task
         for record, result in zip(records, results, strict=True):
-            rows.append(Row(record.id, result.values, result.truncated, result.error))
+            rows.append(Row(record.id, result.values, result.truncated, result.error, record.kept))
         if len(rows) >= ROWS_PER_WRITE or not pending:
-            writer.write(row_columns(task_names, rows))
+            writer.write(row_columns(task_names, rows, keep))
             counts.documents += len(rows)
             counts.errors += sum(row.error is not None for row in rows)
             counts.truncated += sum(row.truncated for row in rows)

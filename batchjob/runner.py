@@ -21,20 +21,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from batchjob.artifact import Artifact
 from batchjob.config import RunSpec
+from batchjob.embeddings import Embedder
 from batchjob.engine import Engine, EngineStats, open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
+from batchjob.output_format import make_embedder, output_metadata
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
 from batchjob.progress import Progress
-from batchjob.records import Fields, read_records
+from batchjob.records import Fields, Record, read_records
 from batchjob.replica_process import Placement
 from batchjob.s3 import is_s3
 from batchjob.shards import ShardRef
-from batchjob.sinks import output_schema
+from batchjob.sinks import check_keep_columns, output_schema_source, task_names
 from batchjob.startup import mark
 from batchjob.storage import OpenShard, Storage
 
@@ -104,6 +107,9 @@ async def _main(spec: RunSpec, started: float) -> Report:
             raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
         artifact, placements = open_artifact(spec)
         mark("artifact verified")
+        keep = spec.output_format.keep_columns
+        embedder = make_embedder(artifact, spec.output_format.embedding, calibrate=True)
+        check_keep_columns(keep, task_names(artifact, embedder), "--keep-columns")
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         if report.skipped:
@@ -115,7 +121,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         todo = [s for s in todo if s.rel not in problems]
         unfinished = "not finished: the run stopped"
         try:
-            await _run(spec, artifact, placements, storage, todo, report)
+            await _run(spec, artifact, placements, storage, todo, report, embedder)
         except asyncio.CancelledError:
             if task := asyncio.current_task():
                 task.uncancel()  # handled here: the manifest still gets written
@@ -130,7 +136,9 @@ async def _main(spec: RunSpec, started: float) -> Report:
         finally:
             report.seconds = time.monotonic() - started
             report.account(shards, unfinished)
-            await storage.write_manifest(spec.output, _manifest(spec, artifact, report))
+            manifest = _manifest(spec, artifact, report)
+            manifest["output_format"] = output_metadata(artifact, embedder, keep)
+            await storage.write_manifest(spec.output, manifest)
     return report
 
 
@@ -141,6 +149,7 @@ async def _run(
     storage: Storage,
     shards: list[ShardRef],
     report: Report,
+    embedder: Embedder | None,
 ) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -157,6 +166,7 @@ async def _run(
                 max_batch_delay=MAX_BATCH_DELAY,
                 sort_window=spec.sort_window,
                 wait_for_replicas=False,
+                embedder=embedder,
             )
             # Shards are read and tokenized while the replicas load: the first batches are
             # waiting when the first replica is ready. A replica that never comes up fails
@@ -191,10 +201,12 @@ class _Job:
     ) -> None:
         self.spec, self.engine, self.storage = spec, engine, storage
         self.report, self.progress = report, progress
-        self.schema = output_schema(engine.artifact.task)
-        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
+        keep = spec.output_format.keep_columns
+        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field, keep)
+        self.schema = output_schema_source(engine, keep)
 
     async def shards(self, shards: list[ShardRef]) -> None:
+        await self.calibrate(shards)
         in_flight = self.spec.max_shards_in_flight
         slots = asyncio.Semaphore(in_flight)
         async with (
@@ -204,6 +216,46 @@ class _Job:
             async for shard in opened:
                 await slots.acquire()
                 tasks.create_task(self.shard(shard, slots))
+
+    async def calibrate(self, shards: list[ShardRef]) -> None:
+        """int8 without given ranges: the ranges of the job's first chunk of records (their
+        embeddings inferred once more), the same for every shard. An unreadable shard here
+        is left for its own turn, where it fails as it would have."""
+        embedder = self.engine.embedder
+        if embedder is None or not embedder.needs_ranges:
+            return
+        records: list[Record] = []
+        for ref in shards:
+            if len(records) >= self.spec.chunk_size:
+                break
+            try:
+                stream = await self.storage.open(ref)
+                try:
+                    chunks = read_records(
+                        stream,
+                        ref.format,
+                        ref.rel,
+                        self.fields,
+                        gzip=ref.gzip,
+                        chunk_size=self.spec.chunk_size,
+                    )
+                    first: list[Record] = await asyncio.to_thread(next, chunks, [])
+                finally:
+                    stream.close()
+            except SHARD_ERRORS:
+                continue
+            records += [r for r in first if r.error is None]
+        if not records:
+            return
+        embedder.calibrating = True
+        try:
+            results = await self.engine.infer(records[: self.spec.chunk_size])
+        finally:
+            embedder.calibrating = False
+        vectors = [r.values["embedding"] for r in results if r.values is not None]
+        if vectors:
+            embedder.calibrate(np.stack(vectors))
+            log.info("int8 ranges taken from the job's first %d records", len(vectors))
 
     async def shard(self, shard: OpenShard, slots: asyncio.Semaphore) -> None:
         ref = shard.ref
@@ -226,6 +278,7 @@ class _Job:
                 reader,
                 threaded=True,
                 on_rows=lambda n: self.progress.add(documents=n),
+                keep=self.fields.keep,
             )
         except SHARD_ERRORS as e:
             self.report.fail(ref.rel, f"{type(e).__name__}: {e}")

@@ -10,6 +10,9 @@ Face inference toolkit define, read once here at start-up.
 | shapes        | --batch-size, --buckets, ... | config.json's `neuron` section, else         |
 |               |                              | HF_OPTIMUM_BATCH_SIZE, _SEQUENCE_LENGTH      |
 | backend       | --backend                    | BATCHJOB_BACKEND (the neuronx image sets it) |
+| kept columns  | --keep-columns               | BATCHJOB_KEEP_COLUMNS                        |
+| embeddings    | --embedding-dim, -precision, | BATCHJOB_EMBEDDING_DIM, _PRECISION, _RANGES  |
+|               | -ranges, -type               | (a file in the model), _TYPE (Parquet only)  |
 
 Limits (serve_limits.py says how each is enforced): --max-concurrent-requests (default: the
 MaxConcurrentTransforms advertised), --queue-timeout, --header-timeout, --body-timeout.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchjob.config import (
@@ -32,6 +35,12 @@ from batchjob.config import (
     require,
 )
 from batchjob.errors import UsageError
+from batchjob.output_format import (
+    OUTPUT_FIELDS,
+    OutputFormat,
+    output_format,
+    output_format_from_env,
+)
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
 DEFAULT_PORT = 8080
@@ -73,6 +82,7 @@ class ServeSpec:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    output_format: OutputFormat = field(default_factory=OutputFormat)
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
@@ -210,6 +220,8 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
             f"SAGEMAKER_BIND_TO_PORT must be 1..65535, got {port}",
         )
     payload = _env_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB")
+    given = {name: fields[name] for name in OUTPUT_FIELDS if name in fields}
+    formats = output_format({**output_format_from_env(environ), **given})
     options = {
         name: fields[name]
         for name in (
@@ -232,5 +244,6 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
         compile=compile_spec(fields),
         port=DEFAULT_PORT if port is None else port,
         max_payload_mb=DEFAULT_MAX_PAYLOAD_MB if payload is None else payload,
+        output_format=formats,
         **options,
     )

@@ -14,8 +14,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
-import pyarrow as pa
-
 from batchjob.errors import BatchJobError, StorageError, UsageError
 from batchjob.paths import local_output_path
 from batchjob.s3 import S3, S3Error, S3Url, is_s3
@@ -24,6 +22,7 @@ from batchjob.sinks import (
     MANIFEST,
     OutputWriter,
     S3ShardWriter,
+    SchemaSource,
     ShardWriter,
     manifest_bytes,
     stale_temp_files,
@@ -252,7 +251,7 @@ class Storage:
             log.debug("HEAD %s: 403, taken as not there yet", url)
             return False
 
-    async def writer(self, output: str, rel: str, schema: pa.Schema) -> OutputWriter:
+    async def writer(self, output: str, rel: str, schema: SchemaSource) -> OutputWriter:
         """Where a shard's rows go: `<output>/<rel>`, published whole on commit. A local path
         that would leave `output` (`..` in an S3 key) is a StorageError: that shard fails."""
         if not is_s3(output):

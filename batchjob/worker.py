@@ -34,8 +34,10 @@ from batchjob.errors import BatchJobError
 from batchjob.executor import Executor, message_line
 from batchjob.messages import ObjectWork, Work, parse_message
 from batchjob.metrics import WorkerMetrics
+from batchjob.output_format import make_embedder
 from batchjob.pipeline import Counts
 from batchjob.replicas import ReplicaPool
+from batchjob.sinks import check_keep_columns, task_names
 from batchjob.sqs import MAX_WAIT_SECONDS, Message, QueueError, SqsQueue
 from batchjob.storage import Storage
 
@@ -344,6 +346,11 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
             await stack.enter_async_context(storage)
             await storage.check_writable(spec.output)
             artifact, placements = await asyncio.to_thread(open_artifact, spec)
+            # Workers on one queue can't share a first batch: int8 needs given ranges.
+            embedder = make_embedder(artifact, spec.output_format.embedding, calibrate=False)
+            check_keep_columns(
+                spec.output_format.keep_columns, task_names(artifact, embedder), "--keep-columns"
+            )
             metrics = WorkerMetrics()
             if spec.metrics_port is not None:
                 runner = await metrics.serve(spec.metrics_host, spec.metrics_port)
@@ -354,6 +361,7 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
                 placements,
                 start_timeout=spec.replica_start_timeout,
                 max_batch_delay=spec.max_batch_delay_ms / 1000,
+                embedder=embedder,
             )
             metrics.watch_engine(lambda: engine.stats, lambda: pool.restarts)
             worker = Worker(spec, queue, storage, engine, pool, metrics)
