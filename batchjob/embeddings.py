@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batchjob.errors import UsageError
 
@@ -83,26 +84,42 @@ class EmbeddingSpec:
 
 def read_ranges(path: str, dim: int) -> np.ndarray:
     """The int8 ranges of `path`: JSON [[min, ...], [max, ...]], `dim` numbers each, or the
-    `embedding.ranges` of a `_manifest.json` an earlier job wrote. UsageError names the file."""
+    ranges an earlier job recorded: its `_manifest.json`, or one of its `.parquet` outputs.
+    UsageError names the file."""
     try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            data: Any = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if path.lower().endswith(".parquet"):
+            metadata = pq.read_schema(os.path.expanduser(path)).metadata or {}
+            data: Any = json.loads(metadata.get(b"batchjob", b"{}"))
+        else:
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, pa.ArrowException) as e:
         raise UsageError(f"--embedding-ranges {path}: can't read it: {e}") from None
-    if isinstance(data, dict):  # a _manifest.json, or a file's Parquet metadata
+    return checked_ranges(recorded_ranges(data), dim, f"--embedding-ranges {path}")
+
+
+def recorded_ranges(data: object) -> object:
+    """The ranges in a manifest or a file's metadata (`output_format.embedding.ranges`),
+    else `data` as it is."""
+    if isinstance(data, dict):
         described = data.get("output_format", data).get("embedding")
-        data = described.get("ranges") if isinstance(described, dict) else None
+        return described.get("ranges") if isinstance(described, dict) else None
+    return data
+
+
+def checked_ranges(data: object, dim: int, where: str) -> np.ndarray:
+    """`data` as (2, dim) float32 ranges; UsageError naming `where` when it isn't."""
     try:
         ranges = np.asarray(data, dtype=np.float32)
     except (TypeError, ValueError):
         ranges = np.zeros(0, np.float32)
     if ranges.shape != (2, dim) or not np.isfinite(ranges).all():
         raise UsageError(
-            f"--embedding-ranges {path}: expected [[min, ...], [max, ...]] of {dim} finite "
+            f"{where}: expected [[min, ...], [max, ...]] of {dim} finite "
             f"numbers each (the embedding's dimensions), got shape {list(ranges.shape)}"
         )
     if (ranges[0] > ranges[1]).any():
-        raise UsageError(f"--embedding-ranges {path}: a minimum is above its maximum")
+        raise UsageError(f"{where}: a minimum is above its maximum")
     return ranges
 
 
@@ -145,8 +162,9 @@ class Embedder:
         self.pooling, self.prompt = pooling, prompt
         self.dim = spec.dim or model_dim
         self.ranges: np.ndarray | None = None
+        self.ranges_from: str | None = None
         if spec.precision == "int8" and spec.ranges is not None:
-            self.ranges = read_ranges(spec.ranges, self.dim)
+            self.ranges, self.ranges_from = read_ranges(spec.ranges, self.dim), "given"
         elif spec.precision == "int8" and not calibrate:
             # Several containers (workers on one queue, Batch Transform instances) would each
             # take their own first batch: their int8 values would not compare.
@@ -154,7 +172,6 @@ class Embedder:
                 "--embedding-precision int8 needs --embedding-ranges FILE here: ranges from "
                 "each process's first batch would differ between processes"
             )
-        self.ranges_given = self.ranges is not None
         self.calibrating = False  # float32 out, unquantised: the calibration pass's results
         self._lock = threading.Lock()
 
@@ -201,6 +218,11 @@ class Embedder:
                     len(sample),
                 )
             self.ranges = np.vstack((sample.min(axis=0), sample.max(axis=0))).astype(np.float32)
+            self.ranges_from = "the job's first records"
+
+    def use_ranges(self, ranges: np.ndarray, source: str) -> None:
+        """Ranges found elsewhere (an earlier run's, for --resume)."""
+        self.ranges, self.ranges_from = ranges, source
 
     def describe(self) -> dict[str, Any]:
         """What a reader needs to interpret the embeddings: manifest and Parquet metadata."""
@@ -216,9 +238,7 @@ class Embedder:
             if self.spec.precision == "binary"
             else None,
             "ranges": None if self.ranges is None else self.ranges.tolist(),
-            "ranges_from": None
-            if self.spec.precision != "int8"
-            else ("given" if self.ranges_given else "the job's first records"),
+            "ranges_from": self.ranges_from,
         }
 
 

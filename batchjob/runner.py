@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from batchjob.artifact import Artifact
 from batchjob.config import RunSpec
-from batchjob.embeddings import Embedder
+from batchjob.embeddings import Embedder, checked_ranges, recorded_ranges
 from batchjob.engine import Engine, EngineStats, open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.output_format import make_embedder, output_metadata
@@ -114,6 +114,8 @@ async def _main(spec: RunSpec, started: float) -> Report:
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         if report.skipped:
             log.info("--resume: %d shard(s) already done", len(report.skipped))
+        if embedder is not None and embedder.needs_ranges and report.skipped:
+            await _earlier_ranges(storage, spec.output, embedder)
         todo = [s for s in shards if s.output_rel not in done_before]
         problems = output_problems(spec.output, todo)  # these fail; the others run
         for rel, why in problems.items():
@@ -191,6 +193,21 @@ async def _run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         progress.close()
+
+
+async def _earlier_ranges(storage: Storage, output: str, embedder: Embedder) -> None:
+    """--resume of an int8 job: the shards done before were quantised with the ranges their
+    run recorded; the rest must be too."""
+    earlier = await storage.earlier_manifest(output)
+    ranges = recorded_ranges(earlier) if earlier is not None else None
+    if ranges is None:
+        raise UsageError(
+            f"--resume with --embedding-precision int8: no int8 ranges in {output}/"
+            "_manifest.json for the shards done before; give them with --embedding-ranges "
+            "(one of those .parquet outputs holds them)"
+        )
+    where = f"{output}/_manifest.json"
+    embedder.use_ranges(checked_ranges(ranges, embedder.dim, where), f"the earlier run ({where})")
 
 
 class _Job:

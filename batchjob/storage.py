@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import posixpath
@@ -181,6 +182,16 @@ class Storage:
             return await (await self.s3()).read_bytes(S3Url.parse(uri), SHARD_LIST_MAX_BYTES)
         except S3Error as e:
             raise _usage(flag, e) from None
+
+    async def earlier_manifest(self, output: str) -> dict[str, Any] | None:
+        """The `_manifest.json` an earlier run left in `output`; None when there is none (or
+        it can't be read: a run killed hard leaves none)."""
+        uri = str(S3Url.parse(output).join(MANIFEST)) if is_s3(output) else f"{output}/{MANIFEST}"
+        try:
+            data = json.loads(await self._read_small(uri, "--resume"))
+        except (BatchJobError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     async def open(self, ref: ShardRef) -> BinaryIO:
         """A blocking stream for a worker thread; S3 objects download ahead in the loop.

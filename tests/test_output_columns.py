@@ -363,3 +363,32 @@ def test_job_file_takes_the_output_fields(tmp_path: Path) -> None:
     job.write_text("model: m\ninput: i\noutput: o\nembedding-dim: '64'\n")
     with pytest.raises(UsageError, match="embedding_dim must be an integer"):
         load_job_file(str(job))
+
+
+def test_resume_of_an_int8_job_keeps_the_earlier_runs_ranges(
+    embedder_dir: Path, compiled: CompileFn, tmp_path: Path
+) -> None:
+    artifact = compiled(embedder_dir, SHAPES)
+    int8 = OutputFormat(embedding=EmbeddingSpec(precision="int8"))
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in make_texts(30, seed=8)])
+    out = tmp_path / "out"
+    assert run_job(artifact.path, tmp_path / "in", out, output_format=int8) == 0
+    first = metadata(out / "a.parquet")["embedding"]["ranges"]
+    # Another shard, of other texts: calibrated anew, its ranges would differ.
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{"text": t} for t in make_texts(9, seed=99)])
+    assert run_job(artifact.path, tmp_path / "in", out, output_format=int8, resume=True) == 0
+    described = metadata(out / "b.parquet")["embedding"]
+    assert described["ranges"] == first
+    assert described["ranges_from"].startswith("the earlier run")
+    # An earlier output's file holds them too: --embedding-ranges FILE.parquet.
+    given = OutputFormat(embedding=EmbeddingSpec(precision="int8", ranges=str(out / "a.parquet")))
+    assert run_job(artifact.path, tmp_path / "in", tmp_path / "again", output_format=given) == 0
+    again = pq.read_table(tmp_path / "again" / "a.parquet").column("embedding").to_pylist()
+    assert again == pq.read_table(out / "a.parquet").column("embedding").to_pylist()
+
+    # No manifest (a run killed hard): refused, not quantised with other ranges.
+    (out / "_manifest.json").unlink()
+    write_jsonl(tmp_path / "in" / "c.jsonl", [{"text": "more"}])
+    with pytest.raises(UsageError, match=r"no int8 ranges in .*give them with --embedding-ranges"):
+        run_job(artifact.path, tmp_path / "in", out, output_format=int8, resume=True)
+    assert not (out / "c.parquet").exists()
