@@ -179,3 +179,48 @@ def test_integer_embeddings_answer_as_integers() -> None:
     vector = np.array([-128, 0, 127], dtype=np.int8)
     line = json.loads(encode(JSONLINES, parsed, [Result({"embedding": vector})], "f", []))
     assert line == {"embedding": [-128, 0, 127], "truncated": False}
+
+
+def test_serve_answers_with_the_environments_output_settings(
+    embedder_dir: Path, compiled: CompileFn, tmp_path: Path
+) -> None:
+    from tests.serve_process import JSONLINES as JSONL
+    from tests.serve_process import Server, jsonlines
+
+    artifact = compiled(embedder_dir)
+    env = {
+        "BATCHJOB_KEEP_COLUMNS": "url",
+        "BATCHJOB_EMBEDDING_DIM": "16",
+        "BATCHJOB_EMBEDDING_PRECISION": "binary",
+    }
+    srv = Server(["--model", artifact.path, "--port", "0"], env, tmp_path)
+    try:
+        srv.wait_ready()
+        lines = srv.post(jsonlines([{"inputs": "a text", "url": "u1"}, {"inputs": "b"}]), JSONL)
+        assert [line["url"] for line in lines] == ["u1", None]
+        assert [len(line["embedding"]) for line in lines] == [2, 2]  # 16 bits, 2 bytes
+        assert all(0 <= v <= 255 for line in lines for v in line["embedding"])
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"BATCHJOB_KEEP_COLUMNS": "embedding"}, "'embedding' collides with an output column"),
+        ({"BATCHJOB_EMBEDDING_DIM": "64"}, "--embedding-dim 64 is above the model's dimension"),
+        ({"BATCHJOB_EMBEDDING_PRECISION": "int8"}, "int8 needs --embedding-ranges FILE"),
+    ],
+)
+def test_serve_refuses_impossible_output_settings_with_one_line(
+    embedder_dir: Path, compiled: CompileFn, tmp_path: Path, env: dict[str, str], needle: str
+) -> None:
+    from tests.serve_process import Server
+
+    artifact = compiled(embedder_dir)
+    srv = Server(["--model", artifact.path, "--port", "0"], env, tmp_path)
+    srv.proc.wait(120)  # on its own: the refusal comes once the artifact is open
+    assert srv.stop() == 2
+    errors = [line for line in srv.log if "error:" in line]
+    assert len(errors) == 1, srv.log
+    assert needle in errors[0]
