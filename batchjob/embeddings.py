@@ -199,7 +199,9 @@ class Embedder:
         if self.spec.precision == "int8" and self.ranges is None:
             if self.calibrating:
                 return out
-            self.calibrate(out)  # no calibration pass ran (nothing to read): this batch's
+            # No calibration pass ran (serve and worker refuse int8 without ranges; run's
+            # first records were all error records): this batch's ranges, for good.
+            self.calibrate(out)
         return quantize(out, self.spec.precision, self.ranges)
 
     @property
