@@ -111,7 +111,9 @@ def test_a_message_sets_long_documents_and_the_prompt(classifier: Artifact, buck
     """Inline documents in windows: a row per window, and the prompt in every window."""
     long = " ".join(["word"] * 100)  # 100 tokens: windows of 32 - 2 - 2 (the prompt)
     request = TextRequest("chunk", 4, "q: ", None)
-    work = InlineWork("batch-2", [{"id": "long", "text": long}, {"id": "s", "text": "hi"}], request)
+    work = InlineWork(
+        "batch-2", [{"id": "long", "text": long}, {"id": "s", "text": "hi"}], text=request
+    )
     counts = do(classifier, bucket, lambda e: e.do([work]))
     table = pq.read_table(io.BytesIO(bucket.get("out/inline/batch-2.parquet"))).to_pylist()
     assert [(r["id"], r["chunk"]) for r in table][-2:] == [("long", len(table) - 2), ("s", 0)]
@@ -132,7 +134,7 @@ def test_a_message_sets_long_documents_and_the_prompt(classifier: Artifact, buck
 def test_a_message_asking_for_what_the_model_cannot_do_fails(
     classifier: Artifact, bucket: Bucket, request_: TextRequest, message: str
 ) -> None:
-    work = InlineWork("batch-3", [{"id": "a", "text": "hi"}], request_)
+    work = InlineWork("batch-3", [{"id": "a", "text": "hi"}], text=request_)
     with pytest.raises(MessageError, match=message):
         do(classifier, bucket, lambda e: e.do([work]))
     assert bucket.keys("out/", internal=True) == []
