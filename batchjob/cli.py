@@ -114,6 +114,19 @@ def _add_text_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-name", default=S, help="the model's prompt of that name")
 
 
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument("--keep-columns", default=S, help="input columns copied to the output: a,b")
+    p.add_argument("--embedding-type", default=S, help="fixed (fixed_size_list, default) or list")
+    p.add_argument(
+        "--embedding-dim", type=_integer, default=S, help="keep the first N dims, renormalised"
+    )
+    p.add_argument(
+        "--embedding-precision", default=S, help="float32 (default), float16, int8, binary"
+    )
+    p.add_argument("--embedding-ranges", default=S, help="int8: JSON [[min...],[max...]] file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchjob", description="Batch inference for Hugging Face encoders.")
     parser.add_argument("--log-level", default="INFO", type=_log_level, help="DEBUG, INFO...")
@@ -142,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=_integer, default=S, help="deprecated: --records-per-read")
     _add_text_options(p)
     p.add_argument("--progress", default=S, help="auto, bar, log, none")
+    _add_output_options(p)
     _add_bucket_owner_option(p)
 
     p = commands.add_parser("serve", help="the SageMaker Batch Transform container (HTTP)")
@@ -152,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay-ms", type=float, default=S, help="partial batch wait (5)")
     p.add_argument("--text-field", default=S, help="jsonlines/csv field with the text (inputs)")
     _add_text_options(p)
+    _add_output_options(p)
     p.add_argument("--drain-seconds", type=float, default=S, help="on SIGTERM (25)")
     p.add_argument(
         "--max-concurrent-requests",
@@ -199,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bucket_owner_option(p)
     _add_record_options(p)
     _add_text_options(p)
+    _add_output_options(p)
     return parser
 
 

@@ -12,12 +12,13 @@ import logging
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchjob.batching import Shape
 from batchjob.errors import UsageError
+from batchjob.output_format import OUTPUT_FIELDS, OutputFormat, output_format
 
 log = logging.getLogger("batchjob.config")
 
@@ -181,6 +182,8 @@ class RunSpec:
     input_manifest: str | None = None  # instead of --input: a list of shards (local or s3://)
     max_shards_in_flight: int = 8  # shards open at once: S3 objects download ahead
     expected_bucket_owner: str | None = None  # sent with every S3 call (ExpectedBucketOwner)
+    # --keep-columns, --embedding-*
+    output_format: OutputFormat = field(default_factory=OutputFormat)
 
     def __post_init__(self) -> None:
         check_account_id(self.expected_bucket_owner)
@@ -242,6 +245,8 @@ class WorkerSpec:
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
     prompt: str | None = None
     prompt_name: str | None = None
+    # --keep-columns, --embedding-*; a job message may name other columns to keep
+    output_format: OutputFormat = field(default_factory=OutputFormat)
 
     def __post_init__(self) -> None:
         require(bool(self.queue), "--queue is required")
@@ -337,7 +342,14 @@ COMPILE_FIELDS = (
     "max_segments",
     "calibrate",
 )
-_NOT_SPEC_FIELDS = {"job", "command", "log_level", *SHAPE_FIELDS, *COMPILE_FIELDS}
+_NOT_SPEC_FIELDS = {
+    "job",
+    "command",
+    "log_level",
+    *SHAPE_FIELDS,
+    *COMPILE_FIELDS,
+    *OUTPUT_FIELDS,
+}
 
 
 def compile_spec(fields: dict[str, Any]) -> CompileSpec:
@@ -364,7 +376,7 @@ def run_spec(fields: dict[str, Any]) -> RunSpec:
     options = {k: v for k, v in fields.items() if k not in _NOT_SPEC_FIELDS}
     for name in ("model", "input", "output"):
         options.setdefault(name, "")
-    return RunSpec(compile=compile_spec(fields), **options)
+    return RunSpec(compile=compile_spec(fields), output_format=output_format(fields), **options)
 
 
 def worker_spec(fields: dict[str, Any]) -> WorkerSpec:
@@ -375,5 +387,6 @@ def worker_spec(fields: dict[str, Any]) -> WorkerSpec:
         queue=options.pop("queue", ""),
         output=options.pop("output", ""),
         compile=compile_spec(fields),
+        output_format=output_format(fields),
         **options,
     )

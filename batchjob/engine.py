@@ -35,6 +35,7 @@ from batchjob.artifact import Artifact, ArtifactLoader, is_artifact, load_artifa
 from batchjob.backends import backend_device
 from batchjob.batching import Batch, Batcher, Item, make_batcher
 from batchjob.config import CompileSpec
+from batchjob.embeddings import Embedder
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.long_documents import Failed, TextOptions, Unit, plan_units, prompted
 from batchjob.records import Record
@@ -140,6 +141,7 @@ async def start_engine(
     max_batch_delay: float,
     sort_window: int = 4096,
     wait_for_replicas: bool = True,
+    embedder: Embedder | None = None,
 ) -> tuple[Engine, ReplicaPool]:
     """The replicas started, the tokenizer loaded meanwhile (in a thread), and an engine over
     them; `stack` closes both (the engine first). Returns once a replica is ready (the others
@@ -168,6 +170,7 @@ async def start_engine(
         max_batch_delay=max_batch_delay,
         sort_window=sort_window,
         tokenizer=tokenizer.result(),
+        embedder=embedder,
     )
     await stack.enter_async_context(engine)
     return engine, pool
@@ -202,10 +205,12 @@ class Engine:
         max_batch_delay: float = DEFAULT_MAX_BATCH_DELAY,
         sort_window: int = 4096,
         tokenizer: RecordTokenizer | None = None,
+        embedder: Embedder | None = None,  # None: embeddings as the graph gives them (float32)
     ) -> None:
         if not max_batch_delay >= 0:
             raise UsageError(f"max_batch_delay must be ≥ 0 seconds, got {max_batch_delay}")
         self.artifact, self.pool, self.max_batch_delay = artifact, pool, max_batch_delay
+        self.embedder = embedder
         self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
         self.task_names = [f.name for f in task_fields(artifact.task)]  # the output's columns
@@ -363,7 +368,9 @@ class Engine:
             call.done.cancel()
             raise
         assert call.raw is not None
-        return assemble(self.artifact, records, units, failed, call.raw, options.long_documents)
+        return assemble(
+            self.artifact, records, units, failed, call.raw, options.long_documents, self.embedder
+        )
 
     async def _enqueue(self, batch: Batch) -> None:
         for key in batch.keys:
@@ -429,12 +436,16 @@ class Engine:
         try:
             outputs = future.result()
             rows = np.flatnonzero(batch.valid)
-            columns = task_columns(self.artifact, outputs[rows])
+            # Windowed calls take the graph's outputs as they are: their values are made when
+            # the record's windows are put together (results.assemble), the embedder's last.
+            plain = [row for row in rows if cast(_Key, batch.keys[row])[0].raw is None]
+            columns = task_columns(self.artifact, outputs[plain], self.embedder) if plain else {}
         except Exception as e:  # a callback's exception would only be logged: callers would hang
             shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
             self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))
             return
-        for j, row in enumerate(rows):
+        place = {row: j for j, row in enumerate(plain)}  # a plain row's place in `columns`
+        for row in rows:
             call, i = cast(_Key, batch.keys[row])
             if call.done.done():  # its caller went away, or another batch of it failed
                 continue
@@ -442,7 +453,7 @@ class Engine:
                 call.raw[i] = outputs[row]
             else:
                 call.results[i] = Result(
-                    {name: col[j] for name, col in columns.items()}, call.truncated[i]
+                    {name: col[place[row]] for name, col in columns.items()}, call.truncated[i]
                 )
             call.remaining -= 1
             if not call.remaining:

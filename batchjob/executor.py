@@ -11,9 +11,9 @@ workers racing on one message write one object, and the second counts it as exis
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import posixpath
-
-import pyarrow as pa
+from dataclasses import dataclass
 
 from batchjob.config import WorkerSpec
 from batchjob.engine import Engine
@@ -26,7 +26,7 @@ from batchjob.prompts import resolve_text_options
 from batchjob.records import Fields, detect_format, is_gzip, read_records, records_from_objects
 from batchjob.s3 import S3Url
 from batchjob.shards import ShardRef
-from batchjob.sinks import output_schema
+from batchjob.sinks import SchemaSource, check_keep_columns, output_schema_source
 from batchjob.storage import Storage
 
 CHUNK_RECORDS = 256  # records per Engine.infer call: small, for a message's latency
@@ -41,6 +41,16 @@ def message_line(what: str, counts: Counts) -> str:
         f"{what}: {counts.outputs} output(s) written{existing}, {counts.documents} "
         f"documents{split}, {counts.errors} error rows"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a message asks of how its records are read (its kept columns), run (its text
+    options) and written (the schema those make)."""
+
+    fields: Fields
+    options: TextOptions
+    schema: SchemaSource
 
 
 class Executor:
@@ -64,15 +74,32 @@ class Executor:
         # None: --allow-any-input. Else what S3 events and job messages may read.
         self.allowed = None if spec.allow_any_input else [S3Url.parse(p) for p in spec.allow_input]
 
+    def _plan(self, keep: tuple[str, ...] | None, options: TextOptions) -> _Plan:
+        """How a message's records are read, run and written: it keeps `keep` (None:
+        --keep-columns) and runs with `options`. MessageError for a bad keep_columns."""
+        if keep is None:
+            keep = self.spec.output_format.keep_columns
+        chunked = options.long_documents == "chunk"
+        try:
+            check_keep_columns(keep, self.engine.task_names, "keep_columns", chunked)
+        except UsageError as e:
+            raise MessageError(str(e)) from None
+        fields = dataclasses.replace(self.fields, keep=keep)
+        return _Plan(fields, options, output_schema_source(self.engine, keep, options))
+
     async def do(self, works: list[Work]) -> Counts:
         counts = Counts()
         for work in works:
             if isinstance(work, InlineWork):
-                counts.add(await self._inline(work, self._options(work.text)))
+                plan = self._plan(work.keep_columns, self._options(work.text))
+                counts.add(await self._inline(work, plan))
             elif isinstance(work, ObjectWork):
-                counts.add(await self._object(work.url, self.spec.output, self.options))
+                plan = self._plan(None, self.options)
+                counts.add(await self._object(work.url, self.spec.output, plan))
             else:
-                counts.add(await self._job(work, self._options(work.text)))
+                # A bad keep_columns or text option fails the message before any work.
+                plan = self._plan(work.keep_columns, self._options(work.text))
+                counts.add(await self._job(work, plan))
         return counts
 
     def _options(self, asked: TextRequest) -> TextOptions:
@@ -112,16 +139,16 @@ class Executor:
             prefixes = ", ".join(map(str, self.allowed))
             raise MessageError(f"{what} {url} is not under --allow-input ({prefixes}): refused")
 
-    async def _object(self, url: S3Url, output: str, options: TextOptions) -> Counts:
+    async def _object(self, url: S3Url, output: str, plan: _Plan) -> Counts:
         """One object → `<output>/<key without extension>.parquet`."""
         self._check_input(url, "object")
         name = posixpath.basename(url.key)
         ref = ShardRef(str(url), url.key, detect_format(name), is_gzip(name))
         if why := overlap(output, None, [ref]):
             raise MessageError(f"{why}: refused")
-        return await self._shard(ref, output, options)
+        return await self._shard(ref, output, plan)
 
-    async def _job(self, work: JobWork, options: TextOptions) -> Counts:
+    async def _job(self, work: JobWork, plan: _Plan) -> Counts:
         self._check_input(S3Url.parse(work.input), "job input")
         output = work.output or self.spec.output
         out = S3Url.parse(output)
@@ -131,7 +158,7 @@ class Executor:
             raise MessageError(f"{why}: refused")
         shards = await self.storage.list_shards(work.input, exclude=output, label="job input")
         if len(shards) == 1 and shards[0].path == work.input:  # an object, not a prefix
-            return await self._object(S3Url.parse(work.input), output, options)
+            return await self._object(S3Url.parse(work.input), output, plan)
         if why := overlap(output, work.input, shards):
             raise MessageError(f"{why}: refused")
         done = await self.storage.existing_outputs(output)
@@ -147,7 +174,7 @@ class Executor:
             # the message's next delivery skips them.
             async with limit:
                 try:
-                    counts.add(await self._shard(ref, output, options))
+                    counts.add(await self._shard(ref, output, plan))
                 except (BatchJobError, OSError) as e:
                     failed.append(f"{ref.rel}: {e}")
 
@@ -159,34 +186,38 @@ class Executor:
             )
         return counts
 
-    async def _inline(self, work: InlineWork, options: TextOptions) -> Counts:
+    async def _inline(self, work: InlineWork, plan: _Plan) -> Counts:
         rel = f"inline/{work.id}.parquet"
         if await self.storage.output_exists(self.spec.output, rel):
             return Counts(existing=1)
-        records = records_from_objects(work.documents, f"inline/{work.id}", self.fields)
-        writer = await self.storage.writer(self.spec.output, rel, self._schema(options))
+        records = records_from_objects(work.documents, f"inline/{work.id}", plan.fields)
+        writer = await self.storage.writer(self.spec.output, rel, plan.schema)
         return await write_shard(
             self.engine,
             writer,
             chunked(records, CHUNK_RECORDS),
             on_rows=self._inferred,
-            options=options,
+            options=plan.options,
+            keep=plan.fields.keep,
         )
 
-    def _schema(self, options: TextOptions) -> pa.Schema:
-        return output_schema(self.engine.artifact.task, options.long_documents == "chunk")
-
-    async def _shard(self, ref: ShardRef, output: str, options: TextOptions) -> Counts:
+    async def _shard(self, ref: ShardRef, output: str, plan: _Plan) -> Counts:
         if await self.storage.output_exists(output, ref.output_rel):
             return Counts(existing=1)
         stream = await self.storage.open(ref)
         try:
             reader = read_records(
-                stream, ref.format, ref.rel, self.fields, gzip=ref.gzip, chunk_size=CHUNK_RECORDS
+                stream, ref.format, ref.rel, plan.fields, gzip=ref.gzip, chunk_size=CHUNK_RECORDS
             )
-            writer = await self.storage.writer(output, ref.output_rel, self._schema(options))
+            writer = await self.storage.writer(output, ref.output_rel, plan.schema)
             return await write_shard(
-                self.engine, writer, reader, threaded=True, on_rows=self._inferred, options=options
+                self.engine,
+                writer,
+                reader,
+                threaded=True,
+                on_rows=self._inferred,
+                options=plan.options,
+                keep=plan.fields.keep,
             )
         finally:
             stream.close()

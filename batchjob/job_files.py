@@ -11,6 +11,7 @@ from typing import Any
 
 from batchjob.config import CompileSpec, RunSpec, WorkerSpec, require
 from batchjob.errors import UsageError
+from batchjob.output_format import OUTPUT_FIELD_TYPES
 
 # Job-file fields that are not spec fields: the shape flags, whose values become `shapes`.
 _SHAPE_TYPES: dict[str, Any] = {
@@ -19,11 +20,11 @@ _SHAPE_TYPES: dict[str, Any] = {
     "max_batch_tokens": int,
     "buckets": str | int | list[int],
 }
-_NOT_JOB_FIELDS = {"compile", "shapes", "visibility_ceiling"}
+_NOT_JOB_FIELDS = {"compile", "shapes", "visibility_ceiling", "output_format"}
 
 
 def _field_types(*specs: type) -> dict[str, Any]:
-    types_: dict[str, Any] = dict(_SHAPE_TYPES)
+    types_: dict[str, Any] = {**_SHAPE_TYPES, **OUTPUT_FIELD_TYPES}
     for spec in specs:
         types_.update(typing.get_type_hints(spec))
     types_["compiler_args"] = str | list[str]  # a job file gives a string or a list

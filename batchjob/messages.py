@@ -13,18 +13,22 @@ A job or inline message may also set how its texts are run, instead of the worke
 `"long_documents"` (truncate, chunk, mean), `"chunk_overlap"` (tokens), and `"prompt"` or
 `"prompt_name"` (either replaces the worker's prompt). Their types are checked here; their
 values against the model, by the executor.
+
+Job and inline messages may also carry `"keep_columns": ["url", "lang"]` (or `"url,lang"`): the
+input columns copied into their outputs, instead of the worker's --keep-columns.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
 from batchjob.config import LONG_DOCUMENTS
-from batchjob.errors import InputError
+from batchjob.errors import InputError, UsageError
+from batchjob.output_format import parse_keep_columns
 from batchjob.s3 import SCHEME, S3Url, is_s3
 
 # An inline message's id names its output file: one path component, no surprises.
@@ -58,7 +62,9 @@ class JobWork:
 
     input: str
     output: str | None = None
+    _: KW_ONLY  # what a message asks beside its input: by name, never by position
     text: TextRequest = TextRequest()
+    keep_columns: tuple[str, ...] | None = None  # None: the worker's --keep-columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +73,9 @@ class InlineWork:
 
     id: str
     documents: list[Any]
+    _: KW_ONLY
     text: TextRequest = TextRequest()
+    keep_columns: tuple[str, ...] | None = None
 
 
 Work = ObjectWork | JobWork | InlineWork
@@ -142,12 +150,22 @@ def _s3_uri(value: Any, field: str) -> str:
     return value
 
 
+def _keep_columns(value: dict[str, Any], what: str) -> tuple[str, ...] | None:
+    if value.get("keep_columns") is None:
+        return None
+    try:
+        return parse_keep_columns(value["keep_columns"], f"{what}: keep_columns")
+    except UsageError as e:
+        raise MessageError(str(e)) from None
+
+
 def _job(value: dict[str, Any]) -> JobWork:
     output = value.get("output")
     return JobWork(
         _s3_uri(value["input"], "input"),
         None if output is None else _s3_uri(output, "output"),
-        _text_request(value, "job message"),
+        text=_text_request(value, "job message"),
+        keep_columns=_keep_columns(value, "job message"),
     )
 
 
@@ -180,4 +198,9 @@ def _inline(value: dict[str, Any], message_id: str) -> InlineWork:
             f"inline message: id {inline_id!r} must be letters, digits and ._=- "
             "(it names the output file)"
         )
-    return InlineWork(inline_id, documents, _text_request(value, "inline message"))
+    return InlineWork(
+        inline_id,
+        documents,
+        text=_text_request(value, "inline message"),
+        keep_columns=_keep_columns(value, "inline message"),
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass
 
 from batchjob.engine import TRUNCATE, Engine
@@ -56,10 +56,13 @@ async def write_shard(
     threaded: bool = False,
     on_rows: Callable[[int], None] | None = None,
     options: TextOptions = TRUNCATE,
+    keep: Sequence[str] = (),
 ) -> Counts:
     """Chunks of records (read in a thread when `threaded`: parsing, maybe gunzip) → the
     engine → rows in order → `writer`, committed. `on_rows(n)` after each row group, with
-    the documents it held. With `--long-documents chunk` (`options`), a row per window."""
+    the documents it held. With `--long-documents chunk` (`options`), a row per window.
+    `keep` names the records' kept columns (`Record.kept`, read with `Fields.keep`): a
+    chunked document's are repeated on each of its window rows."""
     counts = Counts()
     task_names = engine.task_names
     chunked = options.long_documents == "chunk"
@@ -76,11 +79,13 @@ async def write_shard(
             counts.windows += result.windows
             counts.split += result.windows > 1
             if not result.chunks:
-                rows.append(Row(record.id, result.values, result.truncated, result.error))
+                rows.append(
+                    Row(record.id, result.values, result.truncated, result.error, kept=record.kept)
+                )
             for span, values in result.chunks:
-                rows.append(Row(record.id, values, False, None, astuple(span)))
+                rows.append(Row(record.id, values, False, None, astuple(span), record.kept))
         if len(rows) >= ROWS_PER_WRITE or not pending:
-            writer.write(row_columns(task_names, rows, chunked))
+            writer.write(row_columns(task_names, rows, chunked, keep))
             counts.documents += documents
             counts.errors += sum(row.error is not None for row in rows)
             counts.truncated += sum(row.truncated for row in rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -61,6 +62,7 @@ class Fields:
     text: str = "text"
     text_pair: str | None = None  # when set, each record must also carry this field
     id: str = "id"
+    keep: tuple[str, ...] = ()  # copied into the output (--keep-columns); missing: null
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,9 @@ class Record:
     text: str | None  # None only when error is set
     text_pair: str | None = None
     error: str | None = None  # set when the record could not be parsed: names problem and place
+    # The values of Fields.keep, in its order: str or None from jsonl/csv, a typed pyarrow
+    # Scalar from Parquet (its column's Arrow type goes to the output). None: no values.
+    kept: tuple[Any, ...] | None = None
 
 
 def is_gzip(name: str) -> bool:
@@ -230,16 +235,29 @@ def _record(
     fields: Fields,
     where: tuple[str, str, int],
     types: Mapping[str, str] | None = None,
+    kept_values: Mapping[str, object] | None = None,
 ) -> Record:
-    """The record from one row's values; `where` is (rel, "line" or "row", n)."""
+    """The record from one row's values; `where` is (rel, "line" or "row", n). The kept
+    columns come from `kept_values` where given (Parquet's typed scalars), else `values`."""
     rel, unit, n = where
+    source = values if kept_values is None else kept_values
+    kept = tuple(_kept(source.get(name)) for name in fields.keep) if fields.keep else None
     try:
         text = _text(values, fields.text, types or {})
         pair = None if fields.text_pair is None else _text(values, fields.text_pair, types or {})
         record_id = _id(id_value, fields.id, f"{rel}:{n}")
     except _Bad as e:
-        return _error(rel, unit, n, e)
-    return Record(record_id, text, pair)
+        # Its kept values still go out: they tell the user which record failed.
+        return dataclasses.replace(_error(rel, unit, n, e), kept=kept)
+    return Record(record_id, text, pair, kept=kept)
+
+
+def _kept(value: object) -> object:
+    """A kept column's value: strings and Parquet's typed scalars as they are, null as null,
+    any other JSON value as its JSON text (the output's column is a string column)."""
+    if value is None or isinstance(value, str | pa.Scalar):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _json_object(text: str) -> dict[str, object]:
@@ -379,11 +397,16 @@ def _parquet_records(
     wanted = (fields.id, fields.text, fields.text_pair)
     columns = list(dict.fromkeys(c for c in wanted if c is not None and c in names))
     types = {c: str(schema.field(c).type) for c in columns}
+    kept = [c for c in dict.fromkeys(fields.keep) if c in names]
     n = 0
-    for batch in pf.iter_batches(batch_size=chunk_size, columns=columns):
-        data = batch.to_pydict()
+    read = list(dict.fromkeys([*columns, *kept]))
+    for batch in pf.iter_batches(batch_size=chunk_size, columns=read):
+        data = batch.select(columns).to_pydict()
+        arrays = {c: batch.column(c) for c in kept}
         for i in range(batch.num_rows):
             n += 1
             values = {c: data[c][i] for c in columns}
             record_id = _parquet_id(values.get(fields.id))
-            yield _record(values, record_id, fields, (rel, "row", n), types)
+            # Typed scalars: the output's column keeps the input's Arrow type.
+            scalars = {c: arrays[c][i] for c in kept}
+            yield _record(values, record_id, fields, (rel, "row", n), types, scalars)

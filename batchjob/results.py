@@ -4,6 +4,9 @@
 record, from its windows' outputs: feature-extraction, their mean weighted by each window's
 real tokens, normalised again where the model's embeddings are; text-classification, the
 plain mean of their logits, then the model's activation (`tasks.task_columns`).
+
+The job's embedder (`--embedding-dim`, `--embedding-precision`) comes last, to each output
+row's final embedding: each window's with chunk, the normalised mean with mean.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from batchjob.artifact import Artifact
+from batchjob.embeddings import Embedder
 from batchjob.records import Record
 from batchjob.tasks import task_columns
 
@@ -57,6 +61,7 @@ def assemble(
     failed: dict[int, str],
     outputs: dict[int, np.ndarray],
     mode: str,
+    embedder: Embedder | None = None,
 ) -> list[Result]:
     """One Result per record from its units' graph outputs (`outputs[i]` is units[i]'s)."""
     by_record: dict[int, list[int]] = {}
@@ -69,7 +74,8 @@ def assemble(
     if not units:
         return results
     if mode == "chunk":
-        columns = task_columns(artifact, np.stack([outputs[i] for i in range(len(units))]))
+        stacked = np.stack([outputs[i] for i in range(len(units))])
+        columns = task_columns(artifact, stacked, embedder)
         for record, indices in by_record.items():
             chunks = tuple(
                 (units[i].span, {name: column[i] for name, column in columns.items()})
@@ -79,7 +85,7 @@ def assemble(
         return results
     order = list(by_record)
     means = np.stack([_combine(artifact, units, outputs, by_record[r]) for r in order])
-    columns = task_columns(artifact, means)
+    columns = task_columns(artifact, means, embedder)
     for j, record in enumerate(order):
         values = {name: column[j] for name, column in columns.items()}
         results[record] = Result(values, windows=len(by_record[record]))

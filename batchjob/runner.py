@@ -21,13 +21,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from batchjob.artifact import Artifact
+from batchjob.calibration import SHARD_ERRORS, earlier_ranges, first_records_ranges
 from batchjob.config import RunSpec
+from batchjob.embeddings import Embedder
 from batchjob.engine import Engine, EngineStats, open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
+from batchjob.output_format import make_embedder, output_metadata
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
 from batchjob.progress import Progress
@@ -36,7 +37,7 @@ from batchjob.records import Fields, read_records
 from batchjob.replica_process import Placement
 from batchjob.s3 import is_s3
 from batchjob.shards import ShardRef
-from batchjob.sinks import output_schema
+from batchjob.sinks import check_keep_columns, output_schema_source, task_names
 from batchjob.startup import mark
 from batchjob.storage import OpenShard, Storage
 
@@ -45,7 +46,6 @@ log = logging.getLogger("batchjob.run")
 # A run has no latency to keep: a partial batch waits this long, and only while a replica
 # would otherwise idle (the engine's rule), for more records to fill it.
 MAX_BATCH_DELAY = 0.05
-SHARD_ERRORS = (BatchJobError, OSError, EOFError, pa.ArrowException)
 
 
 @dataclass
@@ -113,10 +113,16 @@ async def _main(spec: RunSpec, started: float) -> Report:
         artifact, placements = open_artifact(spec)
         options = spec_text_options(artifact, spec, UsageError)
         mark("artifact verified")
+        keep = spec.output_format.keep_columns
+        embedder = make_embedder(artifact, spec.output_format.embedding, calibrate=True)
+        chunked = options.long_documents == "chunk"
+        check_keep_columns(keep, task_names(artifact, embedder), "--keep-columns", chunked)
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         if report.skipped:
             log.info("--resume: %d shard(s) already done", len(report.skipped))
+        if embedder is not None and embedder.needs_ranges and report.skipped:
+            await earlier_ranges(storage, spec.output, embedder)
         todo = [s for s in shards if s.output_rel not in done_before]
         problems = output_problems(spec.output, todo)  # these fail; the others run
         for rel, why in problems.items():
@@ -124,7 +130,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         todo = [s for s in todo if s.rel not in problems]
         unfinished = "not finished: the run stopped"
         try:
-            await _run(spec, artifact, placements, storage, todo, report, options)
+            await _run(spec, artifact, placements, storage, todo, report, options, embedder)
         except asyncio.CancelledError:
             if task := asyncio.current_task():
                 task.uncancel()  # handled here: the manifest still gets written
@@ -140,6 +146,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
             report.seconds = time.monotonic() - started
             report.account(shards, unfinished)
             manifest = _manifest(spec, artifact, report, options)
+            manifest["output_format"] = output_metadata(artifact, embedder, keep, options)
             await storage.write_manifest(spec.output, manifest)
     return report
 
@@ -152,6 +159,7 @@ async def _run(
     shards: list[ShardRef],
     report: Report,
     options: TextOptions,
+    embedder: Embedder | None,
 ) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -168,6 +176,7 @@ async def _run(
                 max_batch_delay=MAX_BATCH_DELAY,
                 sort_window=spec.sort_window,
                 wait_for_replicas=False,
+                embedder=embedder,
             )
             # Shards are read and tokenized while the replicas load: the first batches are
             # waiting when the first replica is ready. A replica that never comes up fails
@@ -208,11 +217,19 @@ class _Job:
     ) -> None:
         self.spec, self.engine, self.storage = spec, engine, storage
         self.report, self.progress, self.options = report, progress, options
-        chunked = options.long_documents == "chunk"
-        self.schema = output_schema(engine.artifact.task, chunked)
-        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
+        self.keep = spec.output_format.keep_columns
+        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field, self.keep)
+        self.schema = output_schema_source(engine, self.keep, options)
 
     async def shards(self, shards: list[ShardRef]) -> None:
+        await first_records_ranges(
+            self.engine,
+            self.storage,
+            shards,
+            self.fields,
+            self.spec.records_per_read,
+            self.options,
+        )
         in_flight = self.spec.max_shards_in_flight
         slots = asyncio.Semaphore(in_flight)
         async with (
@@ -245,6 +262,7 @@ class _Job:
                 threaded=True,
                 on_rows=lambda n: self.progress.add(documents=n),
                 options=self.options,
+                keep=self.keep,
             )
         except SHARD_ERRORS as e:
             self.report.fail(ref.rel, f"{type(e).__name__}: {e}")

@@ -13,6 +13,9 @@ Face inference toolkit define, read once here at start-up.
 | long documents| --long-documents             | BATCHJOB_LONG_DOCUMENTS                      |
 |               | --chunk-overlap              | BATCHJOB_CHUNK_OVERLAP                       |
 | prompt        | --prompt, --prompt-name      | BATCHJOB_PROMPT, BATCHJOB_PROMPT_NAME        |
+| kept columns  | --keep-columns               | BATCHJOB_KEEP_COLUMNS                        |
+| embeddings    | --embedding-dim, -precision, | BATCHJOB_EMBEDDING_DIM, _PRECISION, _RANGES  |
+|               | -ranges, -type               | (a file in the model), _TYPE (Parquet only)  |
 
 Limits (serve_limits.py says how each is enforced): --max-concurrent-requests (default: the
 MaxConcurrentTransforms advertised), --queue-timeout, --header-timeout, --body-timeout.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchjob.config import (
@@ -38,6 +41,12 @@ from batchjob.config import (
     require,
 )
 from batchjob.errors import UsageError
+from batchjob.output_format import (
+    OUTPUT_FIELDS,
+    OutputFormat,
+    output_format,
+    output_format_from_env,
+)
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
 DEFAULT_PORT = 8080
@@ -83,6 +92,7 @@ class ServeSpec:
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
     prompt: str | None = None
     prompt_name: str | None = None
+    output_format: OutputFormat = field(default_factory=OutputFormat)
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
@@ -249,6 +259,8 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
         )
     payload = _env_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB")
     _text_options(fields, environ)
+    given = {name: fields[name] for name in OUTPUT_FIELDS if name in fields}
+    formats = output_format({**output_format_from_env(environ), **given})
     options = {
         name: fields[name]
         for name in (
@@ -275,5 +287,6 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
         compile=compile_spec(fields),
         port=DEFAULT_PORT if port is None else port,
         max_payload_mb=DEFAULT_MAX_PAYLOAD_MB if payload is None else payload,
+        output_format=formats,
         **options,
     )

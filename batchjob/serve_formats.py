@@ -9,9 +9,14 @@ Requests (Content-Type):
 - `text/csv`: a header naming the text field, or a single column without a header (what
   SplitType=Line sends: the header would reach only the first mini-batch).
 
-Responses (Accept): `application/jsonlines` (one object per record: the task's columns and
-`truncated`, or `error`), or `application/json` (the toolkit's answer to a toolkit request,
-else the same objects as one JSON array). Nothing here touches the network or the model.
+Responses (Accept): `application/jsonlines` (one object per record: the kept columns, then
+the task's columns and `truncated`, or `error`), or `application/json` (the toolkit's answer to
+a toolkit request, else the same objects as one JSON array). Nothing here touches the network
+or the model.
+
+Kept columns (--keep-columns, BATCHJOB_KEEP_COLUMNS) come from jsonlines objects as the JSON
+values they are, and from CSV columns as strings; missing, they are null. A toolkit request's
+inputs are bare texts: there is nothing to keep.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -92,30 +97,38 @@ def response_type(accept: str | None, request: str) -> str:
     )
 
 
-def parse(kind: str, body: bytes, text_field: str, task: str) -> Parsed:
+def parse(kind: str, body: bytes, text_field: str, task: str, keep: tuple[str, ...] = ()) -> Parsed:
     if kind == JSON:
         return _parse_toolkit(body, task)
     if kind == CSV:
-        return Parsed(_parse_csv(body, text_field))
-    return Parsed(_parse_jsonlines(body, text_field))
+        return Parsed(_parse_csv(body, text_field, keep))
+    return Parsed(_parse_jsonlines(body, text_field, keep))
 
 
 # -- application/jsonlines -------------------------------------------------------------------
 
 
-def _parse_jsonlines(body: bytes, text_field: str) -> list[Record]:
+def _parse_jsonlines(body: bytes, text_field: str, keep: tuple[str, ...] = ()) -> list[Record]:
     records = []
     for n, raw in enumerate(body.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
         if raw.strip():  # blank lines are not records, as in `run`
-            records.append(_jsonlines_record(raw, n, text_field))
+            record = _jsonlines_record(raw, n, text_field, keep)
+            records.append(record)
     return records
+
+
+def _kept(value: object, keep: tuple[str, ...]) -> tuple[Any, ...] | None:
+    if not keep:
+        return None
+    source = value if isinstance(value, dict) else {}
+    return tuple(source.get(name) for name in keep)
 
 
 def _error(n: int, problem: str) -> Record:
     return Record(str(n), None, error=f"line {n}: {problem}")
 
 
-def _jsonlines_record(raw: bytes, n: int, text_field: str) -> Record:
+def _jsonlines_record(raw: bytes, n: int, text_field: str, keep: tuple[str, ...] = ()) -> Record:
     try:
         text = raw.decode()
     except UnicodeDecodeError as e:
@@ -126,17 +139,18 @@ def _jsonlines_record(raw: bytes, n: int, text_field: str) -> Record:
         return _error(n, f"invalid JSON: {e.msg} (col {e.colno})")
     except RecursionError:
         return _error(n, "invalid JSON: nested too deeply")
+    kept = _kept(value, keep)
     if isinstance(value, dict):
         if text_field not in value:
-            return _error(n, f"missing field {text_field!r}")
+            return replace(_error(n, f"missing field {text_field!r}"), kept=kept)
         value = value[text_field]
     elif not isinstance(value, str):
         return _error(n, f"expected a JSON object or string, got {_kind(value)}")
     try:
         text, pair = _input(value, f"field {text_field!r}")
     except RequestError as e:
-        return _error(n, str(e))
-    return Record(str(n), text, pair)
+        return replace(_error(n, str(e)), kept=kept)
+    return Record(str(n), text, pair, kept=kept)
 
 
 def _kind(value: object) -> str:
@@ -159,7 +173,7 @@ def _input(value: object, where: str) -> tuple[str, str | None]:
 # -- text/csv ---------------------------------------------------------------------------------
 
 
-def _parse_csv(body: bytes, text_field: str) -> list[Record]:
+def _parse_csv(body: bytes, text_field: str, keep: tuple[str, ...] = ()) -> list[Record]:
     body = body.removeprefix(b"\xef\xbb\xbf")
     first_line = body.lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
     first = next(csv.reader([first_line.decode(errors="replace")]), [])
@@ -168,7 +182,7 @@ def _parse_csv(body: bytes, text_field: str) -> list[Record]:
     if text_field not in first:
         body = text_field.encode() + b"\n" + body
     records = []
-    chunks = read_records(io.BytesIO(body), "csv", "request", Fields(text_field))
+    chunks = read_records(io.BytesIO(body), "csv", "request", Fields(text_field, keep=keep))
     for chunk in chunks:
         records.extend(chunk)
     return records
@@ -212,9 +226,13 @@ def _parse_toolkit(body: bytes, task: str) -> Parsed:
 # -- responses --------------------------------------------------------------------------------
 
 
-def record_object(result: Result) -> dict[str, Any]:
-    """One record's answer: the task's columns (as in the Parquet output), or its error.
-    With `--long-documents chunk`: `chunks`, one object per window (its span, its columns)."""
+def record_object(
+    result: Result, keep: Sequence[str] = (), kept: Sequence[Any] | None = None
+) -> dict[str, Any]:
+    """One record's answer: its kept columns, then the task's columns (as in the Parquet
+    output), or its error. With `--long-documents chunk`: `chunks`, one object per window
+    (its span, its columns), the kept columns once, at the record's level."""
+    out: dict[str, Any] = dict(zip(keep, kept or [None] * len(keep), strict=True))
     if result.chunks:
         chunks = [
             {
@@ -225,10 +243,10 @@ def record_object(result: Result) -> dict[str, Any]:
             }
             for span, values in result.chunks
         ]
-        return {"chunks": chunks, "truncated": False}
+        return {**out, "chunks": chunks, "truncated": False}
     if result.error is not None or result.values is None:
-        return {"error": result.error or "no result"}
-    return {**_plain(result.values), "truncated": result.truncated}
+        return {**out, "error": result.error or "no result"}
+    return {**out, **_plain(result.values), "truncated": result.truncated}
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
@@ -271,13 +289,15 @@ def encode(
     results: Sequence[Result],
     task: str,
     labels: Sequence[str],
+    keep: Sequence[str] = (),
 ) -> bytes:
     """The response body. JSON Lines without a final newline: with AssembleWith=Line,
     SageMaker adds one after every response."""
     if kind == JSON and parsed.toolkit is not None:
         answer = _toolkit_answer(results, parsed.toolkit, task, labels)
         return json.dumps(answer, ensure_ascii=False).encode()
-    objects = [record_object(r) for r in results]
+    kept = [record.kept for record in parsed.records]
+    objects = [record_object(r, keep, k) for r, k in zip(results, kept, strict=True)]
     if kind == JSON:
         return json.dumps(objects, ensure_ascii=False).encode()
     return "\n".join(json.dumps(o, ensure_ascii=False) for o in objects).encode()

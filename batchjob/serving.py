@@ -31,10 +31,12 @@ from batchjob.artifact import Artifact
 from batchjob.engine import TRUNCATE, Engine, EngineClosedError, open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
+from batchjob.output_format import make_embedder
 from batchjob.prompts import spec_text_options
 from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
 from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
 from batchjob.serve_limits import NoSlot, SendTimeout, Slots, read_body, send_body
+from batchjob.sinks import check_keep_columns, task_names
 
 log = logging.getLogger("batchjob.serve")
 
@@ -112,11 +114,20 @@ def build_app(state: _State) -> web.Application:
                     too_large=_too_large(spec),
                 )
                 size_in = len(body)
-                parsed = await asyncio.to_thread(parse, kind, body, spec.text_field, artifact.task)
+                keep = spec.output_format.keep_columns
+                parsed = await asyncio.to_thread(
+                    parse, kind, body, spec.text_field, artifact.task, keep
+                )
                 del body
                 results = await engine.infer(parsed.records, state.options)
                 payload = await asyncio.to_thread(
-                    encode, response.content_type, parsed, results, artifact.task, artifact.labels
+                    encode,
+                    response.content_type,
+                    parsed,
+                    results,
+                    artifact.task,
+                    artifact.labels,
+                    keep,
                 )
                 records = len(results)
                 errors = sum(r.error is not None for r in results)
@@ -254,6 +265,14 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
     # In a thread: compiling a plain model takes a while, and /ping must answer meanwhile.
     artifact, placements = await asyncio.to_thread(open_artifact, spec)
     state.options = await asyncio.to_thread(spec_text_options, artifact, spec, UsageError)
+    # Batch Transform instances can't share a first batch: int8 needs given ranges.
+    embedder = make_embedder(artifact, spec.output_format.embedding, calibrate=False)
+    check_keep_columns(
+        spec.output_format.keep_columns,
+        task_names(artifact, embedder),
+        "BATCHJOB_KEEP_COLUMNS",
+        state.options.long_documents == "chunk",
+    )
     state.artifact, state.replicas = artifact, len(placements)
     state.slots = Slots(request_slots(spec, len(placements)), spec.queue_timeout)
     state.engine, _ = await start_engine(
@@ -262,4 +281,5 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
         placements,
         start_timeout=spec.replica_start_timeout,
         max_batch_delay=spec.max_batch_delay_ms / 1000,
+        embedder=embedder,
     )

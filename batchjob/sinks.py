@@ -16,16 +16,26 @@ import posixpath
 import re
 import socket
 import tempfile
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchjob.artifact import Artifact
+from batchjob.embeddings import Embedder
+from batchjob.errors import UsageError
+from batchjob.long_documents import TextOptions
+from batchjob.output_format import output_metadata
 from batchjob.s3 import S3, S3Url
 from batchjob.tasks import task_fields
 
 MANIFEST = "_manifest.json"
 TMP_SUFFIX = ".tmp"
+METADATA_KEY = b"batchjob"  # the Parquet schema metadata: JSON, what a reader needs
+# A schema, or what makes it when a file's first rows are written (metadata known by then).
+SchemaSource = pa.Schema | Callable[[], pa.Schema]
+Column: TypeAlias = "list[Any] | pa.Array[Any]"
 
 
 # `--long-documents chunk`: which window of its document a row is (`text[char_start:char_end]`).
@@ -34,18 +44,75 @@ CHUNK_FIELDS = (
     pa.field("char_start", pa.int64()),
     pa.field("char_end", pa.int64()),
 )
+CHUNK_NAMES = tuple(f.name for f in CHUNK_FIELDS)
 
 
-def output_schema(task: str, chunked: bool = False) -> pa.Schema:
-    return pa.schema(
+def output_schema(
+    task: str | list[pa.Field[pa.DataType]],
+    keep: Sequence[str] = (),
+    metadata: dict[str, Any] | None = None,
+    chunked: bool = False,
+) -> pa.Schema:
+    """`id`, the kept columns (string here: a Parquet input's own type replaces it when the
+    first rows are written), `chunk`, `char_start`, `char_end` when `chunked`, the task's
+    columns, `truncated`, `error`; `metadata` as JSON under `batchjob`."""
+    fields = task_fields(task) if isinstance(task, str) else task
+    schema = pa.schema(
         [
             pa.field("id", pa.string()),
+            *(pa.field(name, pa.string()) for name in keep),
             *(CHUNK_FIELDS if chunked else ()),
-            *task_fields(task),
+            *fields,
             pa.field("truncated", pa.bool_()),
             pa.field("error", pa.string()),
         ]
     )
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
+    return schema
+
+
+def task_names(artifact: Artifact, embedder: Embedder | None = None) -> list[str]:
+    """The names of the task's output columns."""
+    return [f.name for f in task_fields(artifact.task, embedder)]
+
+
+class _Engine(Protocol):
+    @property
+    def artifact(self) -> Artifact: ...
+    @property
+    def embedder(self) -> Embedder | None: ...
+
+
+def output_schema_source(
+    engine: _Engine, keep: Sequence[str], options: TextOptions
+) -> Callable[[], pa.Schema]:
+    """The output's schema as of when a file's first rows are written: its metadata then
+    holds what the job settled at its start (int8 ranges). `options`: the text options
+    the file's records are run with (chunk rows; the prompt the metadata records)."""
+
+    def schema() -> pa.Schema:
+        fields = task_fields(engine.artifact.task, engine.embedder)
+        metadata = output_metadata(engine.artifact, engine.embedder, keep, options)
+        return output_schema(fields, keep, metadata, options.long_documents == "chunk")
+
+    return schema
+
+
+def check_keep_columns(
+    keep: Sequence[str], task_names: Sequence[str], where: str, chunked: bool = False
+) -> None:
+    """UsageError unless every kept column is a new output column, named once (`chunked`:
+    the chunk rows' columns are taken too)."""
+    taken = {"id", *task_names, "truncated", "error", *(CHUNK_NAMES if chunked else ())}
+    for name in keep:
+        if name in taken:
+            raise UsageError(
+                f"{where}: column {name!r} collides with an output column "
+                f"({', '.join(sorted(taken))})"
+            )
+    if len(set(keep)) != len(keep):
+        raise UsageError(f"{where}: a column is named twice: {','.join(keep)}")
 
 
 class Row(NamedTuple):
@@ -56,15 +123,30 @@ class Row(NamedTuple):
     truncated: bool
     error: str | None
     span: tuple[int, int, int] | None = None  # chunked: (chunk, char_start, char_end)
+    kept: tuple[Any, ...] | None = None  # the kept columns' values (Record.kept)
+
+
+def kept_column(values: list[Any]) -> Column:
+    """A kept column's values: Parquet's typed scalars → an array of their type (nulls
+    typed alike), else the strings as they are."""
+    kind = next((v.type for v in values if isinstance(v, pa.Scalar)), None)
+    if kind is None:
+        return values
+    typed: pa.Array[Any] = pa.array(
+        [pa.scalar(None, kind) if v is None else v for v in values], kind
+    )
+    return typed
 
 
 def row_columns(
-    task_names: list[str], rows: list[Row], chunked: bool = False
-) -> dict[str, list[Any]]:
+    task_names: list[str], rows: list[Row], chunked: bool = False, keep: Sequence[str] = ()
+) -> dict[str, Column]:
     """Rows → the output's columns (`output_schema`), for `OutputWriter.write`."""
-    columns: dict[str, list[Any]] = {"id": [r.id for r in rows]}
+    columns: dict[str, Column] = {"id": [r.id for r in rows]}
+    for i, name in enumerate(keep):
+        columns[name] = kept_column([None if r.kept is None else r.kept[i] for r in rows])
     if chunked:
-        for k, name in enumerate(("chunk", "char_start", "char_end")):
+        for k, name in enumerate(CHUNK_NAMES):
             columns[name] = [None if r.span is None else r.span[k] for r in rows]
     for name in task_names:
         columns[name] = [None if r.values is None else r.values[name] for r in rows]
@@ -122,7 +204,7 @@ def stale_temp_files(output: str | None = None) -> list[str]:
 class OutputWriter(Protocol):
     """One shard's output: rows in input order, then published whole or thrown away."""
 
-    def write(self, columns: dict[str, list[Any]]) -> None: ...
+    def write(self, columns: dict[str, Column]) -> None: ...
 
     async def commit(self) -> bool:
         """Publish the output: True; False when it already existed (another run wrote it)."""
@@ -131,21 +213,49 @@ class OutputWriter(Protocol):
     def abort(self) -> None: ...
 
 
+def _array(values: Column, kind: pa.DataType) -> pa.Array[Any]:
+    # A later row group's kept column may differ from the first's (all null: null type).
+    return values.cast(kind) if isinstance(values, pa.Array) else pa.array(values, kind)
+
+
 class _ParquetTemp:
-    """Rows → a Parquet file at `tmp`, row group by row group (memory stays bounded)."""
+    """Rows → a Parquet file at `tmp`, row group by row group (memory stays bounded).
 
-    def __init__(self, tmp: str, schema: pa.Schema) -> None:
+    The file is opened at the first rows: its schema's metadata can hold what the first
+    batch decided (int8 ranges), and a kept column takes the Arrow type its values have."""
+
+    def __init__(self, tmp: str, schema: SchemaSource) -> None:
         self.tmp = tmp
-        self.schema = schema
-        self._writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        self._source = schema
+        self.schema: pa.Schema | None = None
+        self._writer: pq.ParquetWriter | None = None
+        open(tmp, "wb").close()  # the temp file exists from now: abort() and --resume see it
 
-    def write(self, columns: dict[str, list[Any]]) -> None:
-        self._writer.write_table(pa.table(columns, schema=self.schema))
+    def _open(self, columns: dict[str, Column] | None) -> pq.ParquetWriter:
+        if self._writer is None:
+            schema = self._source if isinstance(self._source, pa.Schema) else self._source()
+            for i, field in enumerate(schema):
+                given = (columns or {}).get(field.name)
+                if isinstance(given, pa.Array) and given.type != field.type:
+                    schema = schema.set(i, field.with_type(given.type))
+            self.schema = schema
+            self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        return self._writer
+
+    def write(self, columns: dict[str, Column]) -> None:
+        writer = self._open(columns)
+        assert self.schema is not None
+        arrays = [_array(columns[field.name], field.type) for field in self.schema]
+        writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+
+    def _close(self) -> None:
+        self._open(None).close()
 
     def abort(self) -> None:
         # Also after a failed write (a full disk): closing may fail again; the file goes.
-        with contextlib.suppress(OSError, pa.ArrowException):
-            self._writer.close()
+        if self._writer is not None:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self._writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 
@@ -157,7 +267,7 @@ class ShardWriter(_ParquetTemp):
     while the job runs, and also when a killed run left it behind.
     """
 
-    def __init__(self, path: str, schema: pa.Schema) -> None:
+    def __init__(self, path: str, schema: SchemaSource) -> None:
         self.path = path
         head, name = os.path.split(path)
         os.makedirs(head or ".", exist_ok=True)
@@ -165,7 +275,7 @@ class ShardWriter(_ParquetTemp):
 
     async def commit(self) -> bool:
         try:
-            self._writer.close()
+            self._close()
             os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()
@@ -176,7 +286,7 @@ class ShardWriter(_ParquetTemp):
 class S3ShardWriter(_ParquetTemp):
     """Rows in input order → a local temp file → one conditional upload to `url` on commit."""
 
-    def __init__(self, s3: S3, url: S3Url, schema: pa.Schema) -> None:
+    def __init__(self, s3: S3, url: S3Url, schema: SchemaSource) -> None:
         self.s3 = s3
         self.url = url
         fd, tmp = tempfile.mkstemp(prefix=f"batchjob-{_owner()}-", suffix=".parquet")
@@ -185,7 +295,7 @@ class S3ShardWriter(_ParquetTemp):
 
     async def commit(self) -> bool:
         try:
-            self._writer.close()
+            self._close()
             return await self.s3.put_file_once(self.tmp, self.url)
         finally:
             self.abort()  # the temp file goes, published or not

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import posixpath
@@ -13,8 +14,6 @@ import tempfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
-
-import pyarrow as pa
 
 from batchjob.errors import BatchJobError, StorageError, UsageError
 from batchjob.paths import local_output_path
@@ -24,6 +23,7 @@ from batchjob.sinks import (
     MANIFEST,
     OutputWriter,
     S3ShardWriter,
+    SchemaSource,
     ShardWriter,
     manifest_bytes,
     stale_temp_files,
@@ -183,6 +183,16 @@ class Storage:
         except S3Error as e:
             raise _usage(flag, e) from None
 
+    async def earlier_manifest(self, output: str) -> dict[str, Any] | None:
+        """The `_manifest.json` an earlier run left in `output`; None when there is none (or
+        it can't be read: a run killed hard leaves none)."""
+        uri = str(S3Url.parse(output).join(MANIFEST)) if is_s3(output) else f"{output}/{MANIFEST}"
+        try:
+            data = json.loads(await self._read_small(uri, "--resume"))
+        except (BatchJobError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
     async def open(self, ref: ShardRef) -> BinaryIO:
         """A blocking stream for a worker thread; S3 objects download ahead in the loop.
 
@@ -252,7 +262,7 @@ class Storage:
             log.debug("HEAD %s: 403, taken as not there yet", url)
             return False
 
-    async def writer(self, output: str, rel: str, schema: pa.Schema) -> OutputWriter:
+    async def writer(self, output: str, rel: str, schema: SchemaSource) -> OutputWriter:
         """Where a shard's rows go: `<output>/<rel>`, published whole on commit. A local path
         that would leave `output` (`..` in an S3 key) is a StorageError: that shard fails."""
         if not is_s3(output):

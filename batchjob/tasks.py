@@ -8,16 +8,19 @@ import numpy as np
 import pyarrow as pa
 
 from batchjob.artifact import Artifact
+from batchjob.embeddings import Embedder
 
 
-def task_fields(task: str) -> list[pa.Field[pa.DataType]]:
+def task_fields(task: str, embedder: Embedder | None = None) -> list[pa.Field[pa.DataType]]:
+    """The task's columns; embeddings typed as `embedder` writes them (list<float32> without)."""
     if task == "text-classification":
         return [
             pa.field("label", pa.string()),
             pa.field("score", pa.float32()),
             pa.field("scores", pa.list_(pa.float32())),
         ]
-    return [pa.field("embedding", pa.list_(pa.float32()))]
+    kind = pa.list_(pa.float32()) if embedder is None else embedder.arrow_type()
+    return [pa.field("embedding", kind)]
 
 
 def _activate(logits: np.ndarray, function: str) -> np.ndarray:
@@ -31,10 +34,13 @@ def _activate(logits: np.ndarray, function: str) -> np.ndarray:
     return logits
 
 
-def task_columns(artifact: Artifact, outputs: np.ndarray) -> dict[str, list[Any]]:
+def task_columns(
+    artifact: Artifact, outputs: np.ndarray, embedder: Embedder | None = None
+) -> dict[str, list[Any]]:
     """Rows of graph outputs (N, ...) → one list per task column, N values each."""
     if artifact.task != "text-classification":
-        return {"embedding": list(outputs.astype(np.float32))}
+        embeddings = outputs.astype(np.float32) if embedder is None else embedder(outputs)
+        return {"embedding": list(embeddings)}
     scores = _activate(outputs.astype(np.float32), artifact.function_to_apply)
     best = scores.argmax(axis=-1)
     return {

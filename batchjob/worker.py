@@ -34,9 +34,11 @@ from batchjob.errors import BatchJobError, UsageError
 from batchjob.executor import Executor, message_line
 from batchjob.messages import ObjectWork, Work, parse_message
 from batchjob.metrics import WorkerMetrics
+from batchjob.output_format import make_embedder
 from batchjob.pipeline import Counts
 from batchjob.prompts import spec_text_options
 from batchjob.replicas import ReplicaPool
+from batchjob.sinks import check_keep_columns, task_names
 from batchjob.sqs import MAX_WAIT_SECONDS, Message, QueueError, SqsQueue
 from batchjob.storage import Storage
 
@@ -347,7 +349,15 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
             await storage.check_writable(spec.output)
             artifact, placements = await asyncio.to_thread(open_artifact, spec)
             # Bad --prompt-name, --chunk-overlap...: refused before any replica starts.
-            await asyncio.to_thread(spec_text_options, artifact, spec, UsageError)
+            options = await asyncio.to_thread(spec_text_options, artifact, spec, UsageError)
+            # Workers on one queue can't share a first batch: int8 needs given ranges.
+            embedder = make_embedder(artifact, spec.output_format.embedding, calibrate=False)
+            check_keep_columns(
+                spec.output_format.keep_columns,
+                task_names(artifact, embedder),
+                "--keep-columns",
+                options.long_documents == "chunk",
+            )
             metrics = WorkerMetrics()
             if spec.metrics_port is not None:
                 runner = await metrics.serve(spec.metrics_host, spec.metrics_port)
@@ -358,6 +368,7 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
                 placements,
                 start_timeout=spec.replica_start_timeout,
                 max_batch_delay=spec.max_batch_delay_ms / 1000,
+                embedder=embedder,
             )
             metrics.watch_engine(lambda: engine.stats, lambda: pool.restarts)
             worker = Worker(spec, queue, storage, engine, pool, metrics)

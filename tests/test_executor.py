@@ -111,7 +111,9 @@ def test_a_message_sets_long_documents_and_the_prompt(classifier: Artifact, buck
     """Inline documents in windows: a row per window, and the prompt in every window."""
     long = " ".join(["word"] * 100)  # 100 tokens: windows of 32 - 2 - 2 (the prompt)
     request = TextRequest("chunk", 4, "q: ", None)
-    work = InlineWork("batch-2", [{"id": "long", "text": long}, {"id": "s", "text": "hi"}], request)
+    work = InlineWork(
+        "batch-2", [{"id": "long", "text": long}, {"id": "s", "text": "hi"}], text=request
+    )
     counts = do(classifier, bucket, lambda e: e.do([work]))
     table = pq.read_table(io.BytesIO(bucket.get("out/inline/batch-2.parquet"))).to_pylist()
     assert [(r["id"], r["chunk"]) for r in table][-2:] == [("long", len(table) - 2), ("s", 0)]
@@ -132,7 +134,7 @@ def test_a_message_sets_long_documents_and_the_prompt(classifier: Artifact, buck
 def test_a_message_asking_for_what_the_model_cannot_do_fails(
     classifier: Artifact, bucket: Bucket, request_: TextRequest, message: str
 ) -> None:
-    work = InlineWork("batch-3", [{"id": "a", "text": "hi"}], request_)
+    work = InlineWork("batch-3", [{"id": "a", "text": "hi"}], text=request_)
     with pytest.raises(MessageError, match=message):
         do(classifier, bucket, lambda e: e.do([work]))
     assert bucket.keys("out/", internal=True) == []
@@ -178,3 +180,20 @@ def test_a_job_over_its_own_input_is_refused(classifier: Artifact, bucket: Bucke
     with pytest.raises(MessageError, match="lies inside --output"):
         do(classifier, bucket, lambda e: e.do([job]), allow_input=(bucket.uri("out/"),))
     assert bucket.keys("out/") == ["out/sub/x.jsonl"]
+
+
+def test_a_message_keeps_columns_on_each_window_row(classifier: Artifact, bucket: Bucket) -> None:
+    long = " ".join(["word"] * 100)
+    docs = [{"id": "long", "text": long, "url": "u1"}, {"id": "s", "text": "hi", "url": "u2"}]
+    request = TextRequest("chunk", 4, "q: ", None)
+    work = InlineWork("batch-4", docs, text=request, keep_columns=("url",))
+    do(classifier, bucket, lambda e: e.do([work]))
+    table = pq.read_table(io.BytesIO(bucket.get("out/inline/batch-4.parquet")))
+    assert table.column_names[:5] == ["id", "url", "chunk", "char_start", "char_end"]
+    rows = table.to_pylist()
+    assert len(rows) > 2
+    assert [r["url"] for r in rows] == ["u1"] * (len(rows) - 1) + ["u2"]
+    # With chunk rows, a kept column may not take a chunk column's name.
+    clash = InlineWork("batch-5", docs, text=request, keep_columns=("chunk",))
+    with pytest.raises(MessageError, match="column 'chunk' collides with an output column"):
+        do(classifier, bucket, lambda e: e.do([clash]))

@@ -71,7 +71,7 @@ def test_job_and_inline_messages_may_set_long_documents_and_the_prompt() -> None
         JobWork("s3://b/in/", text=TextRequest("chunk", 16, None, "query"))
     ]
     assert parse({"id": "x", "documents": [], "prompt": "q: ", "long_documents": "mean"}) == [
-        InlineWork("x", [], TextRequest("mean", None, "q: ", None))
+        InlineWork("x", [], text=TextRequest("mean", None, "q: ", None))
     ]
 
 
