@@ -81,7 +81,7 @@ def run(spec: RunSpec) -> int:
     counts = report.counts
     rate = counts.documents / max(report.seconds, 1e-9)
     windows = (
-        f" ({counts.windows} windows, {counts.split} documents split)"
+        f" ({counts.windows} windows; split: {counts.split})"
         if spec.long_documents != "truncate"
         else ""
     )

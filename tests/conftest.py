@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from batchjob.artifact import Artifact
-from batchjob.batching import Shape
+from batchjob.artifact import Artifact, ArtifactLoader
+from batchjob.batching import Batch, Shape
 from batchjob.compile import compile_artifact
 from batchjob.config import CompileSpec
 
@@ -152,6 +153,17 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> CompileFn:
 def artifact(classifier_dir: Path, compiled: CompileFn) -> str:
     """The path of the tiny classifier's artifact (default shapes for these tests)."""
     return compiled(classifier_dir).path
+
+
+def outputs_by_key(artifact: Artifact, batches: list[Batch]) -> dict[int, np.ndarray]:
+    """The batches through the artifact's graphs in this process: each key's output row."""
+    predict = ArtifactLoader(artifact.path)()
+    found: dict[int, np.ndarray] = {}
+    for batch in batches:
+        out = predict(batch.arrays)
+        for row in np.flatnonzero(batch.valid):
+            found[int(batch.keys[row])] = out[row]  # type: ignore[call-overload]
+    return found
 
 
 def make_texts(n: int, seed: int = 0, max_words: int = 40) -> list[str]:

@@ -167,6 +167,7 @@ def test_classifier_artifact_layout(classifier_dir: Path, compiled: CompileFn) -
         "config.json",
         "graph_16.pt",
         "graph_32.pt",
+        "prompts.json",  # the model's sentence-transformers prompts: none here
         "tokenizer",
         "weights.pt",
     ]

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from batchjob.artifact import Artifact, ArtifactLoader
+from batchjob.artifact import Artifact
 from batchjob.batching import Item, PackingBatcher, Shape
 from batchjob.compile import compile_artifact
 from batchjob.config import CompileSpec
 from batchjob.records import Record
 from batchjob.tokens import RecordTokenizer
-from tests.conftest import make_texts, minilm_path
+from tests.conftest import make_texts, minilm_path, outputs_by_key
 
 TINY = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 30522}
 
@@ -70,12 +70,7 @@ def packed_outputs(artifact: Artifact, texts: list[str]) -> tuple[np.ndarray, fl
     )
     items = [Item(i, e.ids, e.type_ids) for i, e in enumerate(encoded) if e is not None]
     batches = batcher.add(items) + batcher.flush()
-    predict = ArtifactLoader(artifact.path)()
-    found: dict[int, np.ndarray] = {}
-    for batch in batches:
-        out = predict(batch.arrays)
-        for row in np.flatnonzero(batch.valid):
-            found[int(batch.keys[row])] = out[row]  # type: ignore[call-overload]
+    found = outputs_by_key(artifact, batches)
     fill = sum(b.real_tokens for b in batches) / sum(
         b.shape.batch_size * b.shape.seq_len for b in batches
     )

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchjob.artifact import Artifact, ArtifactLoader
+from batchjob.artifact import Artifact
 from batchjob.batching import Batch, BucketBatcher, Item, PackingBatcher, Shape
 from batchjob.compile import compile_artifact
 from batchjob.compile_plan import model_length, plan
@@ -27,7 +27,7 @@ from batchjob.models import load_model
 from batchjob.records import Record
 from batchjob.st_modules import read_pooling
 from batchjob.tokens import RecordTokenizer
-from tests.conftest import make_texts, minilm_path
+from tests.conftest import make_texts, minilm_path, outputs_by_key
 
 HIDDEN = 32
 LENGTH = 64  # the tiny models' max_seq_length
@@ -97,12 +97,7 @@ def embed(artifact: Artifact, texts: list[str]) -> np.ndarray:
     else:
         batcher = BucketBatcher(artifact.shapes, pad_id=tokenizer.pad_id)
     batches: list[Batch] = batcher.add(items) + batcher.flush()
-    predict = ArtifactLoader(artifact.path)()
-    found: dict[int, np.ndarray] = {}
-    for batch in batches:
-        out = predict(batch.arrays)
-        for row in np.flatnonzero(batch.valid):
-            found[int(batch.keys[row])] = out[row]  # type: ignore[call-overload]
+    found = outputs_by_key(artifact, batches)
     return np.stack([found[i] for i in range(len(texts))])
 
 
