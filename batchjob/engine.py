@@ -31,16 +31,12 @@ from typing import Protocol, cast
 
 import numpy as np
 
-from batchjob.artifact import Artifact, ArtifactLoader, is_artifact, load_artifact
-from batchjob.backends import backend_device
+from batchjob.artifact import Artifact
 from batchjob.batching import Batch, Batcher, Item, make_batcher
-from batchjob.config import CompileSpec
 from batchjob.embeddings import Embedder
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.long_documents import Failed, TextOptions, Unit, plan_units, prompted
 from batchjob.records import Record
-from batchjob.replica_process import Placement, plan_placements
-from batchjob.replicas import ReplicaPool
 from batchjob.results import Ran, Span, assemble
 from batchjob.results import Result as Result
 from batchjob.startup import mark
@@ -97,89 +93,6 @@ class _Call:
 
 # An item's key in the batcher: its call and its index there.
 _Key = tuple[_Call, int]
-
-
-class EngineSpec(Protocol):
-    """What opening an engine needs of a RunSpec, WorkerSpec or ServeSpec."""
-
-    @property
-    def compile(self) -> CompileSpec: ...
-    @property
-    def cache_dir(self) -> str: ...
-    @property
-    def replicas(self) -> int | None: ...
-    @property
-    def cores_per_replica(self) -> int: ...
-
-
-def open_artifact(spec: EngineSpec) -> tuple[Artifact, list[Placement]]:
-    """The artifact (verified, or compiled first into the cache), checked against `--task`,
-    and where its replicas run. Blocking (a compile takes a while). UsageError: nothing ran.
-    An artifact is opened without importing torch or transformers; a plain model compiles
-    with both."""
-    if is_artifact(spec.compile.model):
-        artifact = load_artifact(spec.compile.model)
-    else:
-        from batchjob.compile import ensure_artifact
-
-        artifact = ensure_artifact(spec.compile, spec.cache_dir)
-    task = spec.compile.task
-    if task is not None and artifact.task != task:
-        raise UsageError(
-            f"--task is {task} but the artifact {artifact.path} was compiled for {artifact.task}"
-        )
-    device = backend_device(artifact.backend)
-    return artifact, plan_placements(spec.replicas, spec.cores_per_replica, device)
-
-
-async def start_engine(
-    stack: contextlib.AsyncExitStack,
-    artifact: Artifact,
-    placements: Sequence[Placement],
-    *,
-    start_timeout: float,
-    max_batch_delay: float,
-    sort_window: int = 4096,
-    wait_for_replicas: bool = True,
-    embedder: Embedder | None = None,
-) -> tuple[Engine, ReplicaPool]:
-    """The replicas started, the tokenizer loaded meanwhile (in a thread), and an engine over
-    them; `stack` closes both (the engine first). Returns once a replica is ready (the others
-    join as they come up); with `wait_for_replicas=False`, once the replicas' processes run:
-    the engine takes records while they load the model, and the caller awaits `pool.start()`
-    (a replica that never comes up raises there, and the batches waiting for one fail)."""
-    pool = ReplicaPool(ArtifactLoader(artifact), placements, start_timeout=start_timeout)
-    stack.push_async_callback(pool.close)
-    pool.launch()  # in the background: loading a replica takes longer than anything here
-    tokenizer = asyncio.create_task(
-        asyncio.to_thread(_load_tokenizer, artifact.tokenizer_path, artifact.max_length)
-    )
-    try:
-        if wait_for_replicas:
-            await pool.start()
-        else:
-            # Not before: reading and tokenizing would slow the fork server's torch import,
-            # the longest step, on a machine of few cores.
-            await pool.launched()
-    finally:
-        if not tokenizer.done():
-            await asyncio.wait([tokenizer])
-    engine = Engine(
-        artifact,
-        pool,
-        max_batch_delay=max_batch_delay,
-        sort_window=sort_window,
-        tokenizer=tokenizer.result(),
-        embedder=embedder,
-    )
-    await stack.enter_async_context(engine)
-    return engine, pool
-
-
-def _load_tokenizer(path: str, max_length: int) -> RecordTokenizer:
-    tokenizer = RecordTokenizer(path, max_length)
-    mark("tokenizer loaded")
-    return tokenizer
 
 
 def engine_batcher(artifact: Artifact, pad_id: int, sort_window: int = 4096) -> Batcher:

@@ -25,7 +25,8 @@ from batchjob.artifact import Artifact
 from batchjob.calibration import SHARD_ERRORS, earlier_ranges, first_records_ranges
 from batchjob.config import RunSpec
 from batchjob.embeddings import Embedder
-from batchjob.engine import Engine, EngineStats, open_artifact, start_engine
+from batchjob.engine import Engine, EngineStats
+from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
 from batchjob.output_format import make_embedder, output_metadata

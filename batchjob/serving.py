@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from batchjob.artifact import Artifact
-from batchjob.engine import TRUNCATE, Engine, EngineClosedError, open_artifact, start_engine
+from batchjob.engine import TRUNCATE, Engine, EngineClosedError
+from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
 from batchjob.output_format import make_embedder

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchjob.config import WorkerSpec
-from batchjob.engine import Engine, open_artifact, start_engine
+from batchjob.engine import Engine
+from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.executor import Executor, message_line
 from batchjob.messages import ObjectWork, Work, parse_message
