@@ -27,7 +27,7 @@ from batchjob.config import CompileSpec
 
 # The real S3/SQS server (moto on loopback) and its fixtures: `moto_server`, `s3_env`,
 # `bucket`, `proxy`, `queues`, for every test module that asks for them.
-pytest_plugins = ("tests.s3_server", "tests.sqs_queues")
+pytest_plugins = ("tests.s3_server", "tests.sqs_queues", "tests.tokenizer_families")
 
 LABELS = ("negative", "neutral", "positive")
 WORDS = tuple(
@@ -238,3 +238,17 @@ def assert_usage_error(code: int, out: str, err: str, needles: tuple[str, ...]) 
     assert re.match(r"batchjob( \w+)?: error: ", err), err
     for needle in needles:
         assert needle in err, (needle, err)
+
+
+LONG_WORDS = ["hello", "wörld", "unbelievably", "naïve", "東京", "résumé", "a,b", "🙂🙂", "x" * 150]
+LONG_WORDS += ["supercalifragilisticexpialidocious", "Ünïcødé", "\n\n", "don't", "3.14159"]
+
+
+def long_text(words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choices(LONG_WORDS, k=words))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    result: np.ndarray = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return result

@@ -32,7 +32,7 @@ from batchjob.compile_plan import resolve_dtype
 from batchjob.config import CompileSpec
 from batchjob.errors import UsageError
 from batchjob.models import infer_task, read_pooling
-from tests.conftest import LABELS, CompileFn, make_texts
+from tests.conftest import LABELS, CompileFn, cosine, make_texts
 from tests.neuron_standins import StandInFinder, StandInSDK
 
 SHAPES = (Shape(16, 4), Shape(32, 2))  # the `compiled` fixture's default
@@ -102,11 +102,6 @@ def eager_reference(model_dir: Path, task: str, arrays: dict[str, np.ndarray]) -
                 mean = out.last_hidden_state[0].mean(dim=0)
                 rows.append(torch.nn.functional.normalize(mean, dim=-1))
     return torch.stack(rows).float().numpy()
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    result: np.ndarray = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    return result
 
 
 def copy_model(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:

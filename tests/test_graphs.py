@@ -24,9 +24,8 @@ from batchjob.compile_plan import Plan, plan
 from batchjob.config import CompileSpec
 from batchjob.graphs import ATTENTION_BMM, ATTENTION_SDPA, bmm_attention
 from batchjob.models import load_model
-from tests.conftest import make_texts
-from tests.test_compile import cosine
-from tests.test_packing import build, eager_outputs, packed_outputs
+from tests.conftest import cosine, make_texts
+from tests.family_models import build, eager_outputs, packed_outputs
 
 FAMILIES = ["bert", "distilbert", "roberta", "xlm-roberta", "electra", "modernbert"]
 SHAPE = Shape(64, 3)

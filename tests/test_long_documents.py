@@ -17,21 +17,16 @@ from batchjob.batching import Shape
 from batchjob.long_documents import TextOptions, Unit, Windows, plan_units, window_budget
 from batchjob.records import Record
 from batchjob.tokens import RecordTokenizer
-from tests.conftest import CompileFn, assert_usage_error, invoke, minilm_path, run_job, write_jsonl
-from tests.test_tokens import (  # noqa: F401 (fixtures)
-    Counting,
-    artifact_tokenizer,
-    bytelevel_dir,
-    unigram_dir,
+from tests.conftest import (
+    CompileFn,
+    assert_usage_error,
+    invoke,
+    long_text,
+    minilm_path,
+    run_job,
+    write_jsonl,
 )
-
-WORDS = ["hello", "wörld", "unbelievably", "naïve", "東京", "résumé", "a,b", "🙂🙂", "x" * 150]
-WORDS += ["supercalifragilisticexpialidocious", "Ünïcødé", "\n\n", "don't", "3.14159"]
-
-
-def long_text(words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choices(WORDS, k=words))
+from tests.tokenizer_families import Counting
 
 
 def check_windows(
@@ -75,7 +70,7 @@ SHORT_WORDS = ["hello", "wörld", "naïve", "東京", "résumé", "a,b", "🙂",
 
 @pytest.mark.parametrize("prompt", ["", "query: "])
 def test_windows_of_every_family_start_at_words_and_cover_the_text(
-    artifact_tokenizer: Path,  # noqa: F811
+    artifact_tokenizer: Path,
     prompt: str,
 ) -> None:
     tokenizer = RecordTokenizer(str(artifact_tokenizer), 48)
@@ -95,7 +90,7 @@ def test_a_text_that_fits_is_one_window_spanning_it() -> None:
     assert (unit.chunk, unit.char_start, unit.char_end) == (0, 0, len(text))
 
 
-def test_a_word_longer_than_a_window_is_cut_at_tokens(bytelevel_dir: Path) -> None:  # noqa: F811
+def test_a_word_longer_than_a_window_is_cut_at_tokens(bytelevel_dir: Path) -> None:
     """A 3,000-letter word is hundreds of byte-level BPE pieces: cut inside, still exact. (To
     WordPiece it is one [UNK]: more than 100 letters.)"""
     text = "start " + "ab" * 1500 + " end"
@@ -371,8 +366,8 @@ FAMILY_MODELS = {"roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 def st_family(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
-    bytelevel_dir: Path,  # noqa: F811
-    unigram_dir: Path,  # noqa: F811
+    bytelevel_dir: Path,
+    unigram_dir: Path,
 ) -> tuple[Path, Any]:
     """A tiny RoBERTa (byte-level BPE) or XLM-R (Unigram) embedder, saved by sentence-
     transformers itself (Transformer, mean Pooling, Normalize); and the model as it loads it."""

@@ -18,8 +18,7 @@ from batchjob.embeddings import quantize
 from batchjob.output_format import output_format
 from batchjob.results import Result, Span
 from batchjob.serve_formats import record_object
-from tests.conftest import CompileFn, run_job, write_jsonl
-from tests.test_long_documents import long_text
+from tests.conftest import CompileFn, long_text, run_job, write_jsonl
 
 TEXTS = ["short one", long_text(120, 1), long_text(40, 2), "", long_text(90, 3)]
 

@@ -25,7 +25,7 @@ from batchjob import long_text
 from batchjob.records import Record
 from batchjob.tokens import RecordTokenizer, load_tokenizer, longest_first
 from tests.conftest import WORDS, minilm_path
-from tests.tokenizer_families import FAMILIES, compiled_tokenizer, hub_directory
+from tests.tokenizer_families import Counting
 
 # Around every kind of cut: word pieces, multi-byte characters and graphemes (combining
 # accents, ZWJ emoji, flags), characters that normalizers change or merge (ligatures, İ, full
@@ -92,81 +92,6 @@ PROPERTY = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-def _corpus() -> list[str]:
-    rng = random.Random(0)
-    words = [*WORDS, "hello", "world", "aaaa", "abab", "==", "1234", "中文", "😀", "  ", "\n"]
-    return [" ".join(rng.choices(words, k=rng.randint(3, 20))) for _ in range(300)]
-
-
-def _save(tokenizer: Any, target: Path) -> Path:
-    from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-    )
-    fast.save_pretrained(target)
-    return target
-
-
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-
-
-@pytest.fixture(scope="session")
-def bytelevel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A RoBERTa-like byte-level BPE, saved and loaded through AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIALS, initial_alphabet=alphabet
-    )
-    tokenizer.train_from_iterator(_corpus(), trainer)
-    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    return _save(tokenizer, tmp_path_factory.mktemp("bytelevel"))
-
-
-@pytest.fixture(scope="session")
-def unigram_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An XLM-R-like Unigram: NFKC, runs of spaces collapsed, Metaspace."""
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-
-    tokenizer = Tokenizer(models.Unigram())
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=SPECIALS, unk_token="<unk>")
-    tokenizer.train_from_iterator(_corpus(), trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", 0), ("</s>", 2)],
-    )
-    return _save(tokenizer, tmp_path_factory.mktemp("unigram"))
 
 
 @pytest.fixture(scope="session", params=["wordpiece", "bytelevel", "unigram"])
@@ -291,30 +216,6 @@ def test_longest_first_is_the_rust_truncation() -> None:
                     assert expected == (n1, n2)
 
 
-class Counting:
-    """The window tokenizer, counting what it is given."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.chars = 0
-        self.largest = 0
-        self.calls = 0
-
-    def encode(self, text: str | list[str], **kwargs: Any) -> Any:
-        if isinstance(text, str):  # not a placeholder for the post-processor
-            self.chars += len(text)
-            self.largest = max(self.largest, len(text))
-            self.calls += 1
-        return self.inner.encode(text, **kwargs)
-
-    def encode_batch(self, inputs: list[Any], **kwargs: Any) -> Any:
-        self.calls += 1
-        return self.inner.encode_batch(inputs, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def _counting(tokenizer: RecordTokenizer) -> tuple[Counting, Counting]:
     windows, whole = Counting(tokenizer._raw), Counting(tokenizer._tokenizer)
     tokenizer._raw, tokenizer._tokenizer = windows, whole  # type: ignore[assignment]
@@ -396,19 +297,6 @@ def test_characters_that_normalize_to_nothing_join_the_words_around_them(between
     the one word "ab", however far apart they are."""
     text = "a" + between + "\x00\u200b" * 10_000 + "b " + "the end " * 10
     check(minilm_path(), 16, "real", text)
-
-
-@pytest.fixture(scope="session", params=FAMILIES)
-def artifact_tokenizer(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    bytelevel_dir: Path,
-    unigram_dir: Path,
-) -> Path:
-    """A family's tokenizer/ directory as `batchjob compile` writes it into an artifact."""
-    tmp = tmp_path_factory.mktemp(request.param)
-    source = hub_directory(request.param, tmp / "hub", bytelevel_dir, unigram_dir)
-    return compiled_tokenizer(source, tmp / "tokenizer")
 
 
 def _backend_json(tokenizer: Any) -> dict[str, Any]:
