@@ -55,6 +55,9 @@ _verified: dict[str, tuple[frozenset[tuple[str, str]], dict[str, Stamp]]] = {}
 _verified_lock = threading.Lock()
 
 
+RUN_TIME_FIELDS = ("multi_label", "threshold")  # Artifact's fields batchjob.json lacks
+
+
 @dataclass(frozen=True)
 class Artifact:
     path: str
@@ -74,6 +77,10 @@ class Artifact:
     versions: dict[str, str] = field(default_factory=dict)
     max_abs_diff_vs_eager: float | None = None
     weights: str | None = None  # the weights file (cpu backend), relative to path
+    # Run-time choices (output_format.classifier_view), never saved: multi-label output
+    # (`labels`: every label scoring ≥ threshold) and its threshold.
+    multi_label: bool = False
+    threshold: float = 0.5
 
     @property
     def max_length(self) -> int:
@@ -93,7 +100,8 @@ class Artifact:
     def save(self) -> None:
         """Write batchjob.json, with the SHA-256 of every file now in the directory."""
         data = {"format_version": FORMAT_VERSION, **asdict(self)}
-        del data["path"]
+        for name in ("path", *RUN_TIME_FIELDS):
+            del data[name]
         data["shapes"] = [
             {"seq_len": s.seq_len, "batch_size": s.batch_size, "graph": graph_name(s)}
             for s in self.shapes
