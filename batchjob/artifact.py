@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -81,6 +81,10 @@ class Artifact:
     # (`labels`: every label scoring ≥ threshold) and its threshold.
     multi_label: bool = False
     threshold: float = 0.5
+
+    def as_saved(self) -> Artifact:
+        """This artifact without its run-time choices: as batchjob.json has it."""
+        return replace(self, multi_label=False, threshold=0.5)
 
     @property
     def max_length(self) -> int:
@@ -240,7 +244,7 @@ class ArtifactLoader:
     def __init__(self, artifact: Artifact | str) -> None:
         path = artifact if isinstance(artifact, str) else artifact.path
         verified, stamps = _load_verified(path)  # no hashing if unchanged since verified
-        if isinstance(artifact, Artifact) and artifact != verified:
+        if isinstance(artifact, Artifact) and artifact.as_saved() != verified:
             raise UsageError(f"{os.path.join(path, MANIFEST)}: changed since it was loaded")
         object.__setattr__(self, "artifact", verified)
         graph_stamps = tuple(stamps[graph_name(s)] for s in verified.shapes)
