@@ -82,6 +82,11 @@ class Artifact:
     multi_label: bool = False
     threshold: float = 0.5
 
+    @property
+    def activation(self) -> str:
+        """What this run applies to the logits: multi-label is sigmoid, as the pipeline's."""
+        return "sigmoid" if self.multi_label else self.function_to_apply
+
     def as_saved(self) -> Artifact:
         """This artifact without its run-time choices: as batchjob.json has it."""
         return replace(self, multi_label=False, threshold=0.5)

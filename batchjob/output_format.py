@@ -146,7 +146,7 @@ def classifier_view(artifact: Artifact, fmt: OutputFormat) -> Artifact:
             )
         return artifact
     threshold = DEFAULT_THRESHOLD if fmt.threshold is None else fmt.threshold
-    return replace(artifact, function_to_apply="sigmoid", multi_label=True, threshold=threshold)
+    return replace(artifact, multi_label=True, threshold=threshold)
 
 
 def make_embedder(artifact: Artifact, spec: EmbeddingSpec, *, calibrate: bool) -> Embedder | None:
@@ -182,7 +182,7 @@ def output_metadata(
     }
     if artifact.task == "text-classification":
         metadata["labels"] = list(artifact.labels)  # the order of `scores`
-        metadata["function_to_apply"] = artifact.function_to_apply
+        metadata["function_to_apply"] = artifact.activation  # as run: sigmoid if multi-label
         metadata["multi_label"] = artifact.multi_label
         if artifact.multi_label:
             metadata["threshold"] = artifact.threshold

@@ -47,7 +47,7 @@ def task_columns(
     if artifact.task != "text-classification":
         embeddings = outputs.astype(np.float32) if embedder is None else embedder(outputs)
         return {"embedding": list(embeddings)}
-    scores = _activate(outputs.astype(np.float32), artifact.function_to_apply)
+    scores = _activate(outputs.astype(np.float32), artifact.activation)
     best = scores.argmax(axis=-1)
     columns: dict[str, list[Any]] = {
         "label": [artifact.labels[i] for i in best],

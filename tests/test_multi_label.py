@@ -102,7 +102,7 @@ def assert_matches_pipeline(
 # -- run ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("threshold", [None, 0.3])
+@pytest.mark.parametrize("threshold", [None, 0.45])
 def test_a_multi_label_config_writes_labels_as_the_sigmoid_pipeline(
     multi_label_dir: Path, compiled: CompileFn, tmp_path: Path, threshold: float | None
 ) -> None:
