@@ -125,6 +125,15 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "--embedding-precision", default=S, help="float32 (default), float16, int8, binary"
     )
     p.add_argument("--embedding-ranges", default=S, help="int8: JSON [[min...],[max...]] file")
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        default=S,
+        help="text-classification: sigmoid scores and `labels` (default: as the model's config)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=S, help="multi-label: a label's score to be in labels"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

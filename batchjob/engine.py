@@ -126,7 +126,8 @@ class Engine:
         self.embedder = embedder
         self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
-        self.task_names = [f.name for f in task_fields(artifact.task)]  # the output's columns
+        # the output's columns
+        self.task_names = [f.name for f in task_fields(artifact.task, None, artifact.multi_label)]
         self.stats = EngineStats()
         # Items in the batcher, oldest first, with when they came: the flusher's clock.
         self._waiting: collections.OrderedDict[_Key, float] = collections.OrderedDict()

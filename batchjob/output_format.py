@@ -1,17 +1,25 @@
-"""What goes into an output beside the task's results, and how embeddings are written: the
-flags `--keep-columns`, `--embedding-type`, `--embedding-dim`, `--embedding-precision` and
-`--embedding-ranges`, shared by `run`, `worker` and `serve` (there from BATCHJOB_* variables).
+"""What goes into an output beside the task's results, how embeddings are written and how
+classifiers label: the flags `--keep-columns`, `--embedding-type`, `--embedding-dim`,
+`--embedding-precision`, `--embedding-ranges`, `--multi-label` and `--threshold`, shared by
+`run`, `worker` and `serve` (there from BATCHJOB_* variables, a flag winning).
 
 Everything a reader needs to interpret a file is recorded with it (`output_metadata`): in the
 Parquet schema's metadata under `batchjob` and in `_manifest.json`: the labels in the order of
 `scores`, the prompt and how long documents were run, and the embeddings' pooling,
-normalisation, dimensions and precision.
+normalisation, dimensions and precision; whether labels are multi-label and at what threshold.
+
+Multi-label is a run-time choice, as the pipeline's `function_to_apply="sigmoid"`: the compiled
+graphs give logits, so `--multi-label` on a model compiled for softmax applies sigmoid to them
+(the metadata's `function_to_apply` says which). A model whose config says
+`problem_type: multi_label_classification` is multi-label without the flag.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from batchjob.embeddings import Embedder, EmbeddingSpec, model_dim
@@ -28,16 +36,27 @@ OUTPUT_FIELD_TYPES: dict[str, Any] = {
     "embedding_dim": int,
     "embedding_precision": str,
     "embedding_ranges": str,
+    "multi_label": bool,
+    "threshold": float,
 }
 OUTPUT_FIELDS = tuple(OUTPUT_FIELD_TYPES)
 # serve: Batch Transform passes only the environment.
 OUTPUT_ENVIRONMENT = {name: f"BATCHJOB_{name.upper()}" for name in OUTPUT_FIELDS}
+DEFAULT_THRESHOLD = 0.5  # the score a label needs to be in `labels`
+MULTI_LABEL_PROBLEM = "multi_label_classification"  # a config's problem_type
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
 class OutputFormat:
     keep_columns: tuple[str, ...] = ()
     embedding: EmbeddingSpec = field(default_factory=EmbeddingSpec)
+    multi_label: bool = False  # False: as the model's config says
+    threshold: float | None = None  # None: DEFAULT_THRESHOLD; only with multi-label
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise UsageError(f"--threshold must be in [0, 1], got {self.threshold:g}")
 
 
 def parse_keep_columns(value: object, where: str = "--keep-columns") -> tuple[str, ...]:
@@ -63,7 +82,13 @@ def output_format(fields: Mapping[str, Any]) -> OutputFormat:
         for name in ("embedding_type", "embedding_dim", "embedding_precision", "embedding_ranges")
         if fields.get(name) is not None
     }
-    return OutputFormat(keep, EmbeddingSpec(**options))
+    threshold = fields.get("threshold")
+    return OutputFormat(
+        keep,
+        EmbeddingSpec(**options),
+        multi_label=bool(fields.get("multi_label", False)),
+        threshold=None if threshold is None else float(threshold),
+    )
 
 
 def output_format_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -78,9 +103,50 @@ def output_format_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
                 fields[name] = int(text)
             except ValueError:
                 raise UsageError(f"{variable} must be an integer, got {text!r}") from None
+        elif name == "threshold":
+            try:
+                fields[name] = float(text)
+            except ValueError:
+                raise UsageError(f"{variable} must be a number, got {text!r}") from None
+        elif name == "multi_label":
+            if text.lower() not in _TRUE + _FALSE:
+                raise UsageError(f"{variable} must be true or false, got {text!r}")
+            fields[name] = text.lower() in _TRUE
         else:
             fields[name] = text
     return fields
+
+
+def config_multi_label(artifact: Artifact) -> bool:
+    """Whether the model's config says `problem_type: multi_label_classification`."""
+    try:
+        with open(os.path.join(artifact.path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):  # an artifact without one: the flag decides
+        return False
+    return isinstance(config, dict) and config.get("problem_type") == MULTI_LABEL_PROBLEM
+
+
+def classifier_view(artifact: Artifact, fmt: OutputFormat) -> Artifact:
+    """The artifact as this run labels with it: multi-label (by `--multi-label` or its config)
+    means sigmoid scores and a `labels` column. UsageError, before any work, for
+    `--multi-label` on feature-extraction or `--threshold` without multi-label."""
+    if artifact.task != "text-classification":
+        if fmt.multi_label or fmt.threshold is not None:
+            raise UsageError(
+                f"--multi-label and --threshold apply to text-classification, not {artifact.task}"
+            )
+        return artifact
+    multi_label = fmt.multi_label or config_multi_label(artifact)
+    if not multi_label:
+        if fmt.threshold is not None:
+            raise UsageError(
+                "--threshold applies to multi-label classification: add --multi-label "
+                "(the model's config is not problem_type: multi_label_classification)"
+            )
+        return artifact
+    threshold = DEFAULT_THRESHOLD if fmt.threshold is None else fmt.threshold
+    return replace(artifact, multi_label=True, threshold=threshold)
 
 
 def make_embedder(artifact: Artifact, spec: EmbeddingSpec, *, calibrate: bool) -> Embedder | None:
@@ -116,7 +182,10 @@ def output_metadata(
     }
     if artifact.task == "text-classification":
         metadata["labels"] = list(artifact.labels)  # the order of `scores`
-        metadata["function_to_apply"] = artifact.function_to_apply
+        metadata["function_to_apply"] = artifact.activation  # as run: sigmoid if multi-label
+        metadata["multi_label"] = artifact.multi_label
+        if artifact.multi_label:
+            metadata["threshold"] = artifact.threshold
     if embedder is not None:
         metadata["embedding"] = embedder.describe()
     return metadata

@@ -29,7 +29,7 @@ from batchjob.engine import Engine, EngineStats
 from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
-from batchjob.output_format import make_embedder, output_metadata
+from batchjob.output_format import classifier_view, make_embedder, output_metadata
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
 from batchjob.progress import Progress
@@ -112,6 +112,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         if spec.text_pair_field and any(s.format == "txt" for s in shards):
             raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
         artifact, placements = open_artifact(spec)
+        artifact = classifier_view(artifact, spec.output_format)  # --multi-label
         options = spec_text_options(artifact, spec, UsageError)
         mark("artifact verified")
         keep = spec.output_format.keep_columns

@@ -16,6 +16,8 @@ Face inference toolkit define, read once here at start-up.
 | kept columns  | --keep-columns               | BATCHJOB_KEEP_COLUMNS                        |
 | embeddings    | --embedding-dim, -precision, | BATCHJOB_EMBEDDING_DIM, _PRECISION, _RANGES  |
 |               | -ranges, -type               | (a file in the model), _TYPE (Parquet only)  |
+| multi-label   | --multi-label, --threshold   | BATCHJOB_MULTI_LABEL (true/false),           |
+|               |                              | BATCHJOB_THRESHOLD                           |
 
 Limits (serve_limits.py says how each is enforced): --max-concurrent-requests (default: the
 MaxConcurrentTransforms advertised), --queue-timeout, --header-timeout, --body-timeout.

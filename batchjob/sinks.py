@@ -74,7 +74,7 @@ def output_schema(
 
 def task_names(artifact: Artifact, embedder: Embedder | None = None) -> list[str]:
     """The names of the task's output columns."""
-    return [f.name for f in task_fields(artifact.task, embedder)]
+    return [f.name for f in task_fields(artifact.task, embedder, artifact.multi_label)]
 
 
 class _Engine(Protocol):
@@ -92,7 +92,8 @@ def output_schema_source(
     the file's records are run with (chunk rows; the prompt the metadata records)."""
 
     def schema() -> pa.Schema:
-        fields = task_fields(engine.artifact.task, engine.embedder)
+        artifact = engine.artifact
+        fields = task_fields(artifact.task, engine.embedder, artifact.multi_label)
         metadata = output_metadata(engine.artifact, engine.embedder, keep, options)
         return output_schema(fields, keep, metadata, options.long_documents == "chunk")
 
