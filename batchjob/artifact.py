@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,9 +55,6 @@ _verified: dict[str, tuple[frozenset[tuple[str, str]], dict[str, Stamp]]] = {}
 _verified_lock = threading.Lock()
 
 
-RUN_TIME_FIELDS = ("multi_label", "threshold")  # Artifact's fields batchjob.json lacks
-
-
 @dataclass(frozen=True)
 class Artifact:
     path: str
@@ -77,19 +74,6 @@ class Artifact:
     versions: dict[str, str] = field(default_factory=dict)
     max_abs_diff_vs_eager: float | None = None
     weights: str | None = None  # the weights file (cpu backend), relative to path
-    # Run-time choices (output_format.classifier_view), never saved: multi-label output
-    # (`labels`: every label scoring ≥ threshold) and its threshold.
-    multi_label: bool = False
-    threshold: float = 0.5
-
-    @property
-    def activation(self) -> str:
-        """What this run applies to the logits: multi-label is sigmoid, as the pipeline's."""
-        return "sigmoid" if self.multi_label else self.function_to_apply
-
-    def as_saved(self) -> Artifact:
-        """This artifact without its run-time choices: as batchjob.json has it."""
-        return replace(self, multi_label=False, threshold=0.5)
 
     @property
     def max_length(self) -> int:
@@ -109,8 +93,7 @@ class Artifact:
     def save(self) -> None:
         """Write batchjob.json, with the SHA-256 of every file now in the directory."""
         data = {"format_version": FORMAT_VERSION, **asdict(self)}
-        for name in ("path", *RUN_TIME_FIELDS):
-            del data[name]
+        del data["path"]
         data["shapes"] = [
             {"seq_len": s.seq_len, "batch_size": s.batch_size, "graph": graph_name(s)}
             for s in self.shapes
@@ -249,7 +232,7 @@ class ArtifactLoader:
     def __init__(self, artifact: Artifact | str) -> None:
         path = artifact if isinstance(artifact, str) else artifact.path
         verified, stamps = _load_verified(path)  # no hashing if unchanged since verified
-        if isinstance(artifact, Artifact) and artifact.as_saved() != verified:
+        if isinstance(artifact, Artifact) and artifact != verified:
             raise UsageError(f"{os.path.join(path, MANIFEST)}: changed since it was loaded")
         object.__setattr__(self, "artifact", verified)
         graph_stamps = tuple(stamps[graph_name(s)] for s in verified.shapes)

@@ -53,7 +53,7 @@ async def first_records_ranges(
     """int8 without given ranges: the ranges of the job's first `records_per_read` records'
     final embeddings, the same for every shard. An unreadable shard here is left for its own
     turn, where it fails as it would have."""
-    embedder = engine.embedder
+    embedder = engine.head.embedder
     if embedder is None or not embedder.needs_ranges:
         return
     records: list[Record] = []

@@ -33,14 +33,13 @@ import numpy as np
 
 from batchjob.artifact import Artifact
 from batchjob.batching import Batch, Batcher, Item, make_batcher
-from batchjob.embeddings import Embedder
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.long_documents import Failed, TextOptions, Unit, plan_units, prompted
 from batchjob.records import Record
 from batchjob.results import Ran, Span, assemble
 from batchjob.results import Result as Result
 from batchjob.startup import mark
-from batchjob.tasks import task_columns, task_fields
+from batchjob.tasks import Head, default_head
 from batchjob.tokens import RecordTokenizer
 
 log = logging.getLogger("batchjob.engine")
@@ -118,16 +117,16 @@ class Engine:
         max_batch_delay: float = DEFAULT_MAX_BATCH_DELAY,
         sort_window: int = 4096,
         tokenizer: RecordTokenizer | None = None,
-        embedder: Embedder | None = None,  # None: embeddings as the graph gives them (float32)
+        head: Head | None = None,  # None: the artifact's (float32 embeddings)
     ) -> None:
         if not max_batch_delay >= 0:
             raise UsageError(f"max_batch_delay must be ≥ 0 seconds, got {max_batch_delay}")
         self.artifact, self.pool, self.max_batch_delay = artifact, pool, max_batch_delay
-        self.embedder = embedder
+        self.head = head or default_head(artifact)
         self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
         # the output's columns
-        self.task_names = [f.name for f in task_fields(artifact.task, None, artifact.multi_label)]
+        self.task_names = [f.name for f in self.head.fields()]
         self.stats = EngineStats()
         # Items in the batcher, oldest first, with when they came: the flusher's clock.
         self._waiting: collections.OrderedDict[_Key, float] = collections.OrderedDict()
@@ -282,9 +281,7 @@ class Engine:
             call.done.cancel()
             raise
         assert call.raw is not None
-        return assemble(
-            self.artifact, records, units, failed, call.raw, options.long_documents, self.embedder
-        )
+        return assemble(self.head, records, units, failed, call.raw, options.long_documents)
 
     async def _enqueue(self, batch: Batch) -> None:
         for key in batch.keys:
@@ -351,9 +348,9 @@ class Engine:
             outputs = future.result()
             rows = np.flatnonzero(batch.valid)
             # Windowed calls take the graph's outputs as they are: their values are made when
-            # the record's windows are put together (results.assemble), the embedder's last.
+            # the record's windows are put together (results.assemble), the head's columns last.
             plain = [row for row in rows if cast(_Key, batch.keys[row])[0].raw is None]
-            columns = task_columns(self.artifact, outputs[plain], self.embedder) if plain else {}
+            columns = self.head.columns(outputs[plain]) if plain else {}
         except Exception as e:  # a callback's exception would only be logged: callers would hang
             shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
             self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))

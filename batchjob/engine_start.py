@@ -13,11 +13,11 @@ from batchjob.artifact import Artifact, ArtifactLoader, is_artifact, load_artifa
 from batchjob.backends import backend_device
 from batchjob.config import CompileSpec
 from batchjob.cores import Placement, plan_placements
-from batchjob.embeddings import Embedder
 from batchjob.engine import Engine
 from batchjob.errors import UsageError
 from batchjob.replicas import ReplicaPool
 from batchjob.startup import mark
+from batchjob.tasks import Head
 from batchjob.tokens import RecordTokenizer
 
 
@@ -63,7 +63,7 @@ async def start_engine(
     max_batch_delay: float,
     sort_window: int = 4096,
     wait_for_replicas: bool = True,
-    embedder: Embedder | None = None,
+    head: Head | None = None,
 ) -> tuple[Engine, ReplicaPool]:
     """The replicas started, the tokenizer loaded meanwhile (in a thread), and an engine over
     them; `stack` closes both (the engine first). Returns once a replica is ready (the others
@@ -92,7 +92,7 @@ async def start_engine(
         max_batch_delay=max_batch_delay,
         sort_window=sort_window,
         tokenizer=tokenizer.result(),
-        embedder=embedder,
+        head=head,
     )
     await stack.enter_async_context(engine)
     return engine, pool

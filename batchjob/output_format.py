@@ -1,7 +1,8 @@
 """What goes into an output beside the task's results, how embeddings are written and how
 classifiers label: the flags `--keep-columns`, `--embedding-type`, `--embedding-dim`,
 `--embedding-precision`, `--embedding-ranges`, `--multi-label` and `--threshold`, shared by
-`run`, `worker` and `serve` (there from BATCHJOB_* variables, a flag winning).
+`run`, `worker` and `serve` (there from BATCHJOB_* variables, a flag winning). `make_head`
+turns them into the run's head (`tasks.py`), beside the artifact.
 
 Everything a reader needs to interpret a file is recorded with it (`output_metadata`): in the
 Parquet schema's metadata under `batchjob` and in `_manifest.json`: the labels in the order of
@@ -19,11 +20,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from batchjob.embeddings import Embedder, EmbeddingSpec, model_dim
 from batchjob.errors import UsageError
+from batchjob.tasks import Classification, Embeddings, Head
 
 if TYPE_CHECKING:  # config.py imports this module, and artifact.py imports config.py
     from batchjob.artifact import Artifact
@@ -127,65 +129,54 @@ def config_multi_label(artifact: Artifact) -> bool:
     return isinstance(config, dict) and config.get("problem_type") == MULTI_LABEL_PROBLEM
 
 
-def classifier_view(artifact: Artifact, fmt: OutputFormat) -> Artifact:
-    """The artifact as this run labels with it: multi-label (by `--multi-label` or its config)
-    means sigmoid scores and a `labels` column. UsageError, before any work, for
-    `--multi-label` on feature-extraction or `--threshold` without multi-label."""
-    if artifact.task != "text-classification":
-        if fmt.multi_label or fmt.threshold is not None:
-            raise UsageError(
-                f"--multi-label and --threshold apply to text-classification, not {artifact.task}"
-            )
-        return artifact
-    multi_label = fmt.multi_label or config_multi_label(artifact)
-    if not multi_label:
-        if fmt.threshold is not None:
-            raise UsageError(
-                "--threshold applies to multi-label classification: add --multi-label "
-                "(the model's config is not problem_type: multi_label_classification)"
-            )
-        return artifact
-    threshold = DEFAULT_THRESHOLD if fmt.threshold is None else fmt.threshold
-    return replace(artifact, multi_label=True, threshold=threshold)
-
-
-def make_embedder(artifact: Artifact, spec: EmbeddingSpec, *, calibrate: bool) -> Embedder | None:
-    """The artifact's embedder as `spec` asks (None for a classifier). UsageError, before any
-    work, for what can't be: --embedding-dim above the model's, a classifier given them.
-    `calibrate`: int8 ranges may come from the first batch (`run`: one process)."""
-    if artifact.task != "feature-extraction":
-        if not spec.is_default:
+def make_head(artifact: Artifact, fmt: OutputFormat, *, calibrate: bool) -> Head:
+    """This run's head for the artifact, as `fmt` asks. UsageError, before any work, for what
+    can't be: embedding options or --embedding-dim above the model's for a classifier,
+    --multi-label for embeddings, --threshold without multi-label. `calibrate`: int8 ranges
+    may come from the first batch (`run`: one process)."""
+    if artifact.task == "text-classification":
+        if not fmt.embedding.is_default:
             raise UsageError(
                 f"--embedding-* options apply to feature-extraction, not {artifact.task}"
             )
-        return None
-    return Embedder(
-        spec,
+        return _classification(artifact, fmt)
+    if fmt.multi_label or fmt.threshold is not None:
+        raise UsageError(
+            f"--multi-label and --threshold apply to text-classification, not {artifact.task}"
+        )
+    embedder = Embedder(
+        fmt.embedding,
         model_dim=model_dim(f"{artifact.path}/config.json"),
         normalize=artifact.normalize,
         pooling=artifact.pooling,
         calibrate=calibrate,
     )
+    return Embeddings(embedder, artifact.normalize)
+
+
+def _classification(artifact: Artifact, fmt: OutputFormat) -> Classification:
+    """Multi-label (by `--multi-label` or the model's config) is sigmoid scores and `labels`."""
+    if not (fmt.multi_label or config_multi_label(artifact)):
+        if fmt.threshold is not None:
+            raise UsageError(
+                "--threshold applies to multi-label classification: add --multi-label "
+                "(the model's config is not problem_type: multi_label_classification)"
+            )
+        return Classification(artifact.labels, artifact.function_to_apply)
+    threshold = DEFAULT_THRESHOLD if fmt.threshold is None else fmt.threshold
+    return Classification(artifact.labels, "sigmoid", multi_label=True, threshold=threshold)
 
 
 def output_metadata(
-    artifact: Artifact, embedder: Embedder | None, keep: Sequence[str], text: TextOptions
+    artifact: Artifact, head: Head, keep: Sequence[str], text: TextOptions
 ) -> dict[str, Any]:
     """What a reader needs to interpret an output, with nothing else at hand. `text`: the
     options its records were run with (resolved: the prompt actually put before each text,
     and the name it came by; how long documents were run)."""
-    metadata: dict[str, Any] = {
+    return {
         "task": artifact.task,
         "model": artifact.source_model,
         "keep_columns": list(keep),
         **text.describe(),
+        **head.describe(),
     }
-    if artifact.task == "text-classification":
-        metadata["labels"] = list(artifact.labels)  # the order of `scores`
-        metadata["function_to_apply"] = artifact.activation  # as run: sigmoid if multi-label
-        metadata["multi_label"] = artifact.multi_label
-        if artifact.multi_label:
-            metadata["threshold"] = artifact.threshold
-    if embedder is not None:
-        metadata["embedding"] = embedder.describe()
-    return metadata

@@ -1,12 +1,13 @@
 """A record's outcome (`Result`), and the results of records run as windows, put together.
 
 `--long-documents chunk`: one (span, values) per window. `mean`: one set of values per
-record, from its windows' outputs: feature-extraction, their mean weighted by each window's
-real tokens, normalised again where the model's embeddings are; text-classification, the
-plain mean of their logits, then the model's activation (`tasks.task_columns`).
+record, from its windows' outputs combined as the run's head says (`tasks.py`):
+feature-extraction, their mean weighted by each window's real tokens, normalised again where
+the model's embeddings are; text-classification, the plain mean of their logits.
 
-The job's embedder (`--embedding-dim`, `--embedding-precision`) comes last, to each output
-row's final embedding: each window's with chunk, the normalised mean with mean.
+The head's columns come last, to each output row's final outputs (each window's with chunk,
+the combined one with mean): the activation, and the job's embedder (`--embedding-dim`,
+`--embedding-precision`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from batchjob.artifact import Artifact
-from batchjob.embeddings import Embedder
 from batchjob.records import Record
-from batchjob.tasks import task_columns
+from batchjob.tasks import Head
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +43,7 @@ class Ran:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """One record's outcome: the task's values (as `tasks.task_columns` names them), or error.
+    """One record's outcome: the task's values (as the head's `columns` names them), or error.
     With `--long-documents chunk`, `chunks` holds one (span, values) per window instead."""
 
     values: dict[str, Any] | None
@@ -55,13 +54,12 @@ class Result:
 
 
 def assemble(
-    artifact: Artifact,
+    head: Head,
     records: Sequence[Record],
     units: Sequence[Ran],
     failed: dict[int, str],
     outputs: dict[int, np.ndarray],
     mode: str,
-    embedder: Embedder | None = None,
 ) -> list[Result]:
     """One Result per record from its units' graph outputs (`outputs[i]` is units[i]'s)."""
     by_record: dict[int, list[int]] = {}
@@ -75,7 +73,7 @@ def assemble(
         return results
     if mode == "chunk":
         stacked = np.stack([outputs[i] for i in range(len(units))])
-        columns = task_columns(artifact, stacked, embedder)
+        columns = head.columns(stacked)
         for record, indices in by_record.items():
             chunks = tuple(
                 (units[i].span, {name: column[i] for name, column in columns.items()})
@@ -84,8 +82,8 @@ def assemble(
             results[record] = Result(None, chunks=chunks, windows=len(indices))
         return results
     order = list(by_record)
-    means = np.stack([_combine(artifact, units, outputs, by_record[r]) for r in order])
-    columns = task_columns(artifact, means, embedder)
+    means = np.stack([_combine(head, units, outputs, by_record[r]) for r in order])
+    columns = head.columns(means)
     for j, record in enumerate(order):
         values = {name: column[j] for name, column in columns.items()}
         results[record] = Result(values, windows=len(by_record[record]))
@@ -93,17 +91,10 @@ def assemble(
 
 
 def _combine(
-    artifact: Artifact, units: Sequence[Ran], outputs: dict[int, np.ndarray], indices: list[int]
+    head: Head, units: Sequence[Ran], outputs: dict[int, np.ndarray], indices: list[int]
 ) -> np.ndarray:
     rows = np.stack([outputs[i] for i in indices]).astype(np.float64)
     if len(indices) == 1:
         first: np.ndarray = rows[0]
         return first
-    if artifact.task == "text-classification":
-        mean: np.ndarray = rows.mean(axis=0)
-        return mean
-    weights = np.array([units[i].tokens for i in indices], dtype=np.float64)
-    pooled: np.ndarray = weights @ rows / weights.sum()
-    if artifact.normalize:
-        pooled = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
-    return pooled
+    return head.combine(rows, np.array([units[i].tokens for i in indices], dtype=np.float64))

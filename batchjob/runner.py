@@ -24,12 +24,11 @@ from typing import Any
 from batchjob.artifact import Artifact
 from batchjob.calibration import SHARD_ERRORS, earlier_ranges, first_records_ranges
 from batchjob.config import RunSpec
-from batchjob.embeddings import Embedder
 from batchjob.engine import Engine, EngineStats
 from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
-from batchjob.output_format import classifier_view, make_embedder, output_metadata
+from batchjob.output_format import make_head, output_metadata
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
 from batchjob.progress import Progress
@@ -41,6 +40,7 @@ from batchjob.shards import ShardRef
 from batchjob.sinks import check_keep_columns, output_schema_source, task_names
 from batchjob.startup import mark
 from batchjob.storage import OpenShard, Storage
+from batchjob.tasks import Head
 
 log = logging.getLogger("batchjob.run")
 
@@ -112,18 +112,17 @@ async def _main(spec: RunSpec, started: float) -> Report:
         if spec.text_pair_field and any(s.format == "txt" for s in shards):
             raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
         artifact, placements = open_artifact(spec)
-        artifact = classifier_view(artifact, spec.output_format)  # --multi-label
         options = spec_text_options(artifact, spec, UsageError)
         mark("artifact verified")
         keep = spec.output_format.keep_columns
-        embedder = make_embedder(artifact, spec.output_format.embedding, calibrate=True)
+        head = make_head(artifact, spec.output_format, calibrate=True)
         chunked = options.long_documents == "chunk"
-        check_keep_columns(keep, task_names(artifact, embedder), "--keep-columns", chunked)
+        check_keep_columns(keep, task_names(head), "--keep-columns", chunked)
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         if report.skipped:
             log.info("--resume: %d shard(s) already done", len(report.skipped))
-        if embedder is not None and embedder.needs_ranges and report.skipped:
+        if (embedder := head.embedder) is not None and embedder.needs_ranges and report.skipped:
             await earlier_ranges(storage, spec.output, embedder)
         todo = [s for s in shards if s.output_rel not in done_before]
         problems = output_problems(spec.output, todo)  # these fail; the others run
@@ -132,7 +131,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         todo = [s for s in todo if s.rel not in problems]
         unfinished = "not finished: the run stopped"
         try:
-            await _run(spec, artifact, placements, storage, todo, report, options, embedder)
+            await _run(spec, artifact, placements, storage, todo, report, options, head)
         except asyncio.CancelledError:
             if task := asyncio.current_task():
                 task.uncancel()  # handled here: the manifest still gets written
@@ -148,7 +147,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
             report.seconds = time.monotonic() - started
             report.account(shards, unfinished)
             manifest = _manifest(spec, artifact, report, options)
-            manifest["output_format"] = output_metadata(artifact, embedder, keep, options)
+            manifest["output_format"] = output_metadata(artifact, head, keep, options)
             await storage.write_manifest(spec.output, manifest)
     return report
 
@@ -161,7 +160,7 @@ async def _run(
     shards: list[ShardRef],
     report: Report,
     options: TextOptions,
-    embedder: Embedder | None,
+    head: Head,
 ) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -178,7 +177,7 @@ async def _run(
                 max_batch_delay=MAX_BATCH_DELAY,
                 sort_window=spec.sort_window,
                 wait_for_replicas=False,
-                embedder=embedder,
+                head=head,
             )
             # Shards are read and tokenized while the replicas load: the first batches are
             # waiting when the first replica is ready. A replica that never comes up fails

@@ -32,7 +32,7 @@ from batchjob.engine import TRUNCATE, Engine, EngineClosedError
 from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
-from batchjob.output_format import classifier_view, make_embedder
+from batchjob.output_format import make_head
 from batchjob.prompts import spec_text_options
 from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
 from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
@@ -265,13 +265,12 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
     spec = state.spec
     # In a thread: compiling a plain model takes a while, and /ping must answer meanwhile.
     artifact, placements = await asyncio.to_thread(open_artifact, spec)
-    artifact = classifier_view(artifact, spec.output_format)  # --multi-label
     state.options = await asyncio.to_thread(spec_text_options, artifact, spec, UsageError)
     # Batch Transform instances can't share a first batch: int8 needs given ranges.
-    embedder = make_embedder(artifact, spec.output_format.embedding, calibrate=False)
+    head = make_head(artifact, spec.output_format, calibrate=False)
     check_keep_columns(
         spec.output_format.keep_columns,
-        task_names(artifact, embedder),
+        task_names(head),
         "BATCHJOB_KEEP_COLUMNS",
         state.options.long_documents == "chunk",
     )
@@ -283,5 +282,5 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
         placements,
         start_timeout=spec.replica_start_timeout,
         max_batch_delay=spec.max_batch_delay_ms / 1000,
-        embedder=embedder,
+        head=head,
     )

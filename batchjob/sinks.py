@@ -23,12 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchjob.artifact import Artifact
-from batchjob.embeddings import Embedder
 from batchjob.errors import UsageError
 from batchjob.long_documents import TextOptions
 from batchjob.output_format import output_metadata
 from batchjob.s3 import S3, S3Url
-from batchjob.tasks import task_fields
+from batchjob.tasks import Fields, Head
 
 MANIFEST = "_manifest.json"
 TMP_SUFFIX = ".tmp"
@@ -48,7 +47,7 @@ CHUNK_NAMES = tuple(f.name for f in CHUNK_FIELDS)
 
 
 def output_schema(
-    task: str | list[pa.Field[pa.DataType]],
+    fields: Fields,
     keep: Sequence[str] = (),
     metadata: dict[str, Any] | None = None,
     chunked: bool = False,
@@ -56,7 +55,6 @@ def output_schema(
     """`id`, the kept columns (string here: a Parquet input's own type replaces it when the
     first rows are written), `chunk`, `char_start`, `char_end` when `chunked`, the task's
     columns, `truncated`, `error`; `metadata` as JSON under `batchjob`."""
-    fields = task_fields(task) if isinstance(task, str) else task
     schema = pa.schema(
         [
             pa.field("id", pa.string()),
@@ -72,16 +70,16 @@ def output_schema(
     return schema
 
 
-def task_names(artifact: Artifact, embedder: Embedder | None = None) -> list[str]:
+def task_names(head: Head) -> list[str]:
     """The names of the task's output columns."""
-    return [f.name for f in task_fields(artifact.task, embedder, artifact.multi_label)]
+    return [f.name for f in head.fields()]
 
 
 class _Engine(Protocol):
     @property
     def artifact(self) -> Artifact: ...
     @property
-    def embedder(self) -> Embedder | None: ...
+    def head(self) -> Head: ...
 
 
 def output_schema_source(
@@ -92,10 +90,9 @@ def output_schema_source(
     the file's records are run with (chunk rows; the prompt the metadata records)."""
 
     def schema() -> pa.Schema:
-        artifact = engine.artifact
-        fields = task_fields(artifact.task, engine.embedder, artifact.multi_label)
-        metadata = output_metadata(engine.artifact, engine.embedder, keep, options)
-        return output_schema(fields, keep, metadata, options.long_documents == "chunk")
+        head, chunked = engine.head, options.long_documents == "chunk"
+        metadata = output_metadata(engine.artifact, head, keep, options)
+        return output_schema(head.fields(), keep, metadata, chunked)
 
     return schema
 

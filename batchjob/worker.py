@@ -35,7 +35,7 @@ from batchjob.errors import BatchJobError, UsageError
 from batchjob.executor import Executor, message_line
 from batchjob.messages import ObjectWork, Work, parse_message
 from batchjob.metrics import WorkerMetrics
-from batchjob.output_format import classifier_view, make_embedder
+from batchjob.output_format import make_head
 from batchjob.pipeline import Counts
 from batchjob.prompts import spec_text_options
 from batchjob.replicas import ReplicaPool
@@ -349,14 +349,13 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
             await stack.enter_async_context(storage)
             await storage.check_writable(spec.output)
             artifact, placements = await asyncio.to_thread(open_artifact, spec)
-            artifact = classifier_view(artifact, spec.output_format)  # --multi-label
             # Bad --prompt-name, --chunk-overlap...: refused before any replica starts.
             options = await asyncio.to_thread(spec_text_options, artifact, spec, UsageError)
             # Workers on one queue can't share a first batch: int8 needs given ranges.
-            embedder = make_embedder(artifact, spec.output_format.embedding, calibrate=False)
+            head = make_head(artifact, spec.output_format, calibrate=False)
             check_keep_columns(
                 spec.output_format.keep_columns,
-                task_names(artifact, embedder),
+                task_names(head),
                 "--keep-columns",
                 options.long_documents == "chunk",
             )
@@ -370,7 +369,7 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
                 placements,
                 start_timeout=spec.replica_start_timeout,
                 max_batch_delay=spec.max_batch_delay_ms / 1000,
-                embedder=embedder,
+                head=head,
             )
             metrics.watch_engine(lambda: engine.stats, lambda: pool.restarts)
             worker = Worker(spec, queue, storage, engine, pool, metrics)

@@ -24,10 +24,9 @@ from batchjob.engine import Engine
 from batchjob.errors import UsageError
 from batchjob.executor import Executor
 from batchjob.messages import InlineWork
-from batchjob.output_format import OutputFormat, classifier_view, output_format_from_env
+from batchjob.output_format import OutputFormat, make_head, output_format_from_env
 from batchjob.serve_config import serve_spec
 from batchjob.storage import Storage
-from batchjob.tasks import task_columns
 from tests.conftest import (
     CompileFn,
     _save_tokenizer,
@@ -153,13 +152,14 @@ def test_threshold_edges(classifier_dir: Path, compiled: CompileFn) -> None:
     logits = np.array([[0.0, 2.0, -2.0], [-30.0, -30.0, -30.0]], dtype=np.float32)
 
     def labels(threshold: float) -> list[list[str]]:
-        view = classifier_view(artifact, OutputFormat(multi_label=True, threshold=threshold))
-        return task_columns(view, logits)["labels"]
+        fmt = OutputFormat(multi_label=True, threshold=threshold)
+        head = make_head(artifact, fmt, calibrate=False)
+        return head.columns(logits)["labels"]
 
     assert labels(0.5) == [["negative", "neutral"], []]  # sigmoid(0) = 0.5 exactly: ≥ keeps it
     assert labels(0.0) == [["negative", "neutral", "positive"]] * 2  # every label
     assert labels(1.0) == [[], []]  # no finite logit reaches 1 in float32 below 17
-    columns = task_columns(classifier_view(artifact, OutputFormat(multi_label=True)), logits)
+    columns = make_head(artifact, OutputFormat(multi_label=True), calibrate=False).columns(logits)
     assert columns["label"] == ["neutral", "negative"]  # the top one, as before; ties: first
 
 
@@ -238,10 +238,10 @@ def test_the_worker_flag_writes_labels(
     }
     spec: WorkerSpec = worker_spec(fields)
     assert spec.compile == CompileSpec(model=artifact.path)
-    view = classifier_view(artifact, spec.output_format)  # as worker.work does at start
+    head = make_head(artifact, spec.output_format, calibrate=False)  # as worker.work does
 
     async def main() -> Any:
-        async with Storage() as storage, Engine(view, StandInPool()) as engine:
+        async with Storage() as storage, Engine(artifact, StandInPool(), head=head) as engine:
             work = InlineWork("i1", [{"id": "d", "text": "a text"}])
             return await Executor(spec, storage, engine).do([work])
 
