@@ -277,6 +277,10 @@ def test_default_length_follows_the_model(tmp_path: Path) -> None:
     roberta = encoder(tmp_path / "roberta", kind="roberta", positions=130, pad_token_id=1)
     set_tokenizer_length(roberta, None)
     assert loaded_length(roberta) == 128
+    # So do MPNet's, from its fixed padding_idx (1) whatever its config's pad_token_id.
+    mpnet = encoder(tmp_path / "mpnet", kind="mpnet", positions=130, pad_token_id=7)
+    set_tokenizer_length(mpnet, None)
+    assert loaded_length(mpnet) == 128
     # Never past the positions, whatever the model's files say.
     (roberta / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 300}))
     assert loaded_length(roberta) == 128
