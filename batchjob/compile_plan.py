@@ -20,7 +20,13 @@ from batchjob.config import (
     resolve_shapes,
 )
 from batchjob.errors import UsageError
-from batchjob.graphs import ATTENTION_BMM, ATTENTION_SDPA, position_offset, supports_packing
+from batchjob.graphs import (
+    ATTENTION_BMM,
+    ATTENTION_SDPA,
+    position_offset,
+    supports_packing,
+    takes_attention_function,
+)
 from batchjob.models import LoadedModel
 
 log = logging.getLogger("batchjob.compile")
@@ -79,8 +85,10 @@ def plan(spec: CompileSpec, loaded: LoadedModel) -> Plan:
     # Batched matmuls beat SDPA's flash kernel 2x in a packed bf16 CPU graph (BENCHMARKS.md);
     # fp32 keeps the model's own SDPA, and the Neuron compilers choose their own kernels.
     # The choice follows from the backend and the resolved dtype, which the compile cache
-    # key holds (and graphs.py's source, in its code digest).
+    # key holds (and graphs.py's source, in its code digest), and from the model: one with
+    # attention of its own (MPNet: plain matmuls already) keeps it.
     bmm = spec.backend == "cpu" and resolve_dtype(spec) == "bf16"
+    bmm = bmm and takes_attention_function(loaded.model)
     attention = ATTENTION_BMM if bmm else ATTENTION_SDPA
     return Plan("packing", (shape,), segments, position_offset(config), attention)
 

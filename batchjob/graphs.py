@@ -12,10 +12,12 @@ to each segment: for classification the first token of the segment through the f
 pooler and classifier (or its mean, where the model pools by mean); for embeddings the
 model's pooling over the segment's real tokens, then its Dense and Normalize modules.
 
-For the families mirrored here, attention can be computed as two batched matmuls
-(`ATTENTION_BMM`) instead of the model's SDPA: in a packed bf16 bert-base graph on one CPU
-thread that halves attention's time (SDPA's flash kernel for CPU is slow in bf16 at these
-lengths) and `batchjob run` is ~6% faster end to end (BENCHMARKS.md, "The graph").
+For the families mirrored here that compute attention through transformers' attention
+functions (all but MPNet, whose own attention is plain matmuls already), attention can be
+computed as two batched matmuls (`ATTENTION_BMM`) instead of the model's SDPA: in a packed
+bf16 bert-base graph on one CPU thread that halves attention's time (SDPA's flash kernel for
+CPU is slow in bf16 at these lengths) and `batchjob run` is ~6% faster end to end
+(BENCHMARKS.md, "The graph").
 """
 
 from __future__ import annotations
@@ -33,9 +35,21 @@ ATTENTIONS = (ATTENTION_SDPA, ATTENTION_BMM)
 _BMM_NAME = "batchjob_bmm"
 
 # Families whose encoder honours a 4-D mask and explicit position ids, and whose heads are
-# mirrored below; packed == unpacked is proven for each in tests/test_packing.py.
-PACKING_FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "electra", "modernbert")
+# mirrored below; packed == unpacked is proven for each in tests/test_packing.py. MPNet's
+# relative position bias comes from places in the row, not from the position ids: within a
+# segment the distances j - i are those of the document alone, and the mask hides the rest.
+PACKING_FAMILIES = (
+    "bert",
+    "distilbert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "modernbert",
+    "mpnet",
+)
 _ROBERTA_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+# MPNet's embeddings fix padding_idx at 1, whatever the config's pad_token_id says.
+_MPNET_PADDING_IDX = 1
 
 
 def supports_packing(config: Any) -> bool:
@@ -43,8 +57,16 @@ def supports_packing(config: Any) -> bool:
 
 
 def position_offset(config: Any) -> int:
-    """Where position ids start: RoBERTa-style models count from padding_idx + 1."""
+    """Where position ids start: RoBERTa-style models (and MPNet) count from padding_idx + 1."""
+    if config.model_type == "mpnet":
+        return _MPNET_PADDING_IDX + 1
     return int(config.pad_token_id) + 1 if config.model_type in _ROBERTA_POSITIONS else 0
+
+
+def takes_attention_function(model: Any) -> bool:
+    """Whether `model` computes attention through transformers' AttentionInterface, so that
+    `use_attention` can swap it (MPNet has its own matmuls, which bmm_attention mirrors)."""
+    return bool(getattr(model, "_supports_attention_backend", False))
 
 
 def attention_mask(config: Any, keep: torch.Tensor, dtype: torch.dtype) -> Any:
@@ -67,7 +89,7 @@ def classify(model: Any, first: torch.Tensor, mean: torch.Tensor) -> Any:
     kind = model.config.model_type
     if kind == "bert":
         return model.classifier(model.dropout(model.bert.pooler(first[:, None])))
-    if kind in ("roberta", "xlm-roberta", "electra"):
+    if kind in ("roberta", "xlm-roberta", "electra", "mpnet"):
         return model.classifier(first[:, None])
     if kind == "distilbert":
         return model.classifier(model.dropout(nn.functional.relu(model.pre_classifier(first))))
@@ -144,6 +166,9 @@ def use_attention(model: Any, attention: str) -> None:
         return
     if attention != ATTENTION_BMM:
         raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if not takes_attention_function(model):
+        # transformers would only warn and keep the model's own attention.
+        raise ValueError(f"attention {attention!r}: {type(model).__name__} has its own attention")
     from transformers import AttentionInterface
 
     AttentionInterface.register(_BMM_NAME, bmm_attention)

@@ -16,6 +16,7 @@ from batchjob.batching import Item, PackingBatcher
 from batchjob.records import Record
 from batchjob.tokens import RecordTokenizer
 from tests.conftest import minilm_path, outputs_by_key
+from tests.tokenizer_families import MPNET_PAD_ID, MPNET_VOCAB, compiled_tokenizer, mpnet_directory
 
 TINY = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 30522}
 
@@ -36,19 +37,34 @@ def family_config(kind: str, labels: int) -> Any:
             extra["pad_token_id"] = 0  # the tokenizer's; positions then start at 1
         if kind == "electra":
             extra["embedding_size"] = 32
+        if kind == "mpnet":
+            # all-mpnet-base-v2's tokenizer shape, its specials after MiniLM's vocabulary. The
+            # config names its pad; the model's positions still count from its fixed 1 + 1.
+            extra |= {"vocab_size": MPNET_VOCAB, "pad_token_id": MPNET_PAD_ID}
     return AutoConfig.for_model(kind, **extra)
 
 
 def build(kind: str, task: str, root: Path) -> Path:
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
     model = auto.from_config(family_config(kind, 3)).eval()
     path = root / f"{kind}-{task}"
     model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    save_tokenizer(kind, path)
     return path
+
+
+def save_tokenizer(kind: str, path: Path) -> None:
+    """The family's own tokenizer where it differs from BERT's (MPNet), else MiniLM's."""
+    from transformers import AutoTokenizer
+
+    if kind == "mpnet":
+        # The hub directory holds a config.json of its own: built beside, saved into `path`.
+        compiled_tokenizer(mpnet_directory(path.parent / f"{path.name}-tokenizer"), path)
+        return
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
 
 
 def packed_outputs(artifact: Artifact, texts: list[str]) -> tuple[np.ndarray, float]:

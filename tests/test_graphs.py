@@ -3,7 +3,8 @@
 Packed bf16 graphs on CPU compute attention with baddbmm/softmax/bmm (compile_plan.plan chooses
 it); every packing family is checked here as tests/test_packing.py checks SDPA: each
 document's packed output against the eager model run on it alone, in fp32 (bmm forced) to
-1e-5, and in bf16 (the default choice) to the bf16 tolerance of tests/test_compile.py.
+1e-5, and in bf16 (the default choice) to the bf16 tolerance of tests/test_compile.py. MPNet,
+whose attention is its own matmuls, keeps it: checked in bf16 the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from batchjob.models import load_model
 from tests.conftest import cosine, make_texts
 from tests.family_models import build, eager_outputs, packed_outputs
 
+# The families whose attention goes through transformers' attention functions (MPNet's
+# does not: test_mpnet_keeps_its_own_attention).
 FAMILIES = ["bert", "distilbert", "roberta", "xlm-roberta", "electra", "modernbert"]
 SHAPE = Shape(64, 3)
 
@@ -98,6 +101,28 @@ def test_bf16_packed_graph_uses_bmm_and_matches_eager(
     assert cosine(got, want).min() >= 0.99
     if task == "text-classification":
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
+def test_mpnet_keeps_its_own_attention(
+    task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MPNet's attention is its own matmuls (no AttentionInterface): the bf16 plan keeps it,
+    the packed graph matches eager, and bmm asked for anyway is refused, not ignored."""
+    chosen = spy_attention(monkeypatch)
+    model_dir = build("mpnet", task, tmp_path)
+    spec = CompileSpec(model=str(model_dir), task=task, dtype="bf16", shapes=(SHAPE,), packing=True)
+    artifact = compile_artifact(spec, str(tmp_path / "artifact"))
+    assert chosen == [ATTENTION_SDPA]
+    texts = make_texts(40, seed=7, max_words=30)
+    got, _ = packed_outputs(artifact, texts)
+    want = eager_outputs(model_dir, task, texts, artifact.max_length)  # fp32, each alone
+    assert cosine(got, want).min() >= 0.99
+    if task == "text-classification":
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    spy_attention(monkeypatch, force=ATTENTION_BMM)
+    with pytest.raises(ValueError, match=r"MPNet\w* has its own attention"):
+        compile_artifact(spec, str(tmp_path / "forced"))
 
 
 def node_kinds(graph: torch._C.Graph) -> set[str]:

@@ -21,7 +21,7 @@ from tests.family_models import TINY, build, eager_outputs, packed_outputs
 
 @pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
 @pytest.mark.parametrize(
-    "kind", ["bert", "distilbert", "roberta", "xlm-roberta", "electra", "modernbert"]
+    "kind", ["bert", "distilbert", "roberta", "xlm-roberta", "electra", "modernbert", "mpnet"]
 )
 def test_packed_equals_each_document_alone(kind: str, task: str, tmp_path: Path) -> None:
     model_dir = build(kind, task, tmp_path)
@@ -38,6 +38,19 @@ def test_packed_equals_each_document_alone(kind: str, task: str, tmp_path: Path)
     want = eager_outputs(model_dir, task, texts, artifact.max_length)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert fill > 0.8  # documents of 3 to 32 tokens in rows of 64
+
+
+def test_mpnet_is_packed_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """all-mpnet-base-v2's family: packing with no flag, positions from MPNet's fixed
+    padding_idx (1) + 1 whatever its config's pad_token_id (here the tokenizer's, 30523)."""
+    model_dir = build("mpnet", "text-classification", tmp_path)
+    caplog.set_level(logging.INFO, logger="batchjob.compile")
+    artifact = compile_artifact(
+        CompileSpec(model=str(model_dir), dtype="fp32", shapes=(Shape(64, 3),)),
+        str(tmp_path / "artifact"),
+    )
+    assert (artifact.strategy, artifact.position_offset) == ("packing", 2)
+    assert not [r for r in caplog.records if "can't be packed" in r.getMessage()]
 
 
 def test_unsupported_family_falls_back_to_buckets(

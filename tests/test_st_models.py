@@ -1,7 +1,7 @@
 """sentence-transformers models read as the library reads them, and the model's own length.
 
-The models here are saved by the installed sentence-transformers itself (a tiny BERT
-Transformer, a Pooling of each mode, a Dense layer, Normalize), compiled by batchjob, and
+The models here are saved by the installed sentence-transformers itself (a tiny BERT or
+MPNet Transformer, a Pooling of each mode, a Dense layer, Normalize), compiled by batchjob, and
 compared with the library's own `encode` on the same texts: packed and unpacked.
 """
 
@@ -28,6 +28,8 @@ from batchjob.records import Record
 from batchjob.st_modules import read_pooling
 from batchjob.tokens import RecordTokenizer
 from tests.conftest import make_texts, minilm_path, outputs_by_key
+from tests.family_models import save_tokenizer
+from tests.tokenizer_families import MPNET_VOCAB
 
 HIDDEN = 32
 LENGTH = 64  # the tiny models' max_seq_length
@@ -35,13 +37,14 @@ MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoke
 
 
 def encoder(root: Path, kind: str = "bert", positions: int = 512, **extra: Any) -> Path:
-    """A tiny random Hugging Face encoder with MiniLM's tokenizer, saved at `root`."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """A tiny random Hugging Face encoder with its family's tokenizer (MiniLM's but for
+    MPNet), saved at `root`."""
+    from transformers import AutoConfig, AutoModel
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(
         kind,
-        vocab_size=30522,
+        vocab_size=MPNET_VOCAB if kind == "mpnet" else 30522,
         hidden_size=HIDDEN,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -50,18 +53,20 @@ def encoder(root: Path, kind: str = "bert", positions: int = 512, **extra: Any) 
         **extra,
     )
     AutoModel.from_config(config).eval().save_pretrained(root)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(root)
+    save_tokenizer(kind, root)
     return root
 
 
-def st_model(root: Path, pooling: str | tuple[str, ...], dense: bool = True) -> Path:
-    """A sentence-transformers model saved by the library: Transformer, Pooling, [Dense],
-    Normalize."""
+def st_model(
+    root: Path, pooling: str | tuple[str, ...], dense: bool = True, kind: str = "bert"
+) -> Path:
+    """A sentence-transformers model saved by the library: Transformer (a `kind` encoder),
+    Pooling, [Dense], Normalize."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Dense, Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    hf = encoder(root.parent / f"{root.name}-hf")
+    hf = encoder(root.parent / f"{root.name}-hf", kind)
     torch.manual_seed(1)
     transformer = Transformer(str(hf), max_seq_length=LENGTH)
     modules: list[Any] = [transformer, Pooling(HIDDEN, pooling_mode=pooling)]
@@ -116,15 +121,17 @@ TEXTS = make_texts(24, seed=3, max_words=80)
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("pooling", [*MODES, ("cls", "mean")], ids=[*MODES, "cls+mean"])
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
 def test_each_pooling_mode_equals_encode(
-    pooling: str | tuple[str, ...], packing: bool, tmp_path: Path
+    kind: str, pooling: str | tuple[str, ...], packing: bool, tmp_path: Path
 ) -> None:
-    model = st_model(tmp_path / "st", pooling)
+    model = st_model(tmp_path / "st", pooling, kind=kind)
     # Packed: the default shape, one row of the model's own length. Unpacked: two buckets
     # (the default's eight graphs cost time and show nothing more about pooling).
     shapes = () if packing else (Shape(32, 4), Shape(LENGTH, 2))
     spec = CompileSpec(model=str(model), dtype="fp32", packing=packing, shapes=shapes)
     artifact = compile_artifact(spec, str(tmp_path / "a"))
+    assert artifact.strategy == ("packing" if packing else "buckets")
     assert artifact.pooling == (pooling if isinstance(pooling, str) else "+".join(pooling))
     assert artifact.max_length == LENGTH
     assert_same_embeddings(embed(artifact, TEXTS), encode(model, TEXTS))
@@ -270,6 +277,10 @@ def test_default_length_follows_the_model(tmp_path: Path) -> None:
     roberta = encoder(tmp_path / "roberta", kind="roberta", positions=130, pad_token_id=1)
     set_tokenizer_length(roberta, None)
     assert loaded_length(roberta) == 128
+    # So do MPNet's, from its fixed padding_idx (1) whatever its config's pad_token_id.
+    mpnet = encoder(tmp_path / "mpnet", kind="mpnet", positions=130, pad_token_id=7)
+    set_tokenizer_length(mpnet, None)
+    assert loaded_length(mpnet) == 128
     # Never past the positions, whatever the model's files say.
     (roberta / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 300}))
     assert loaded_length(roberta) == 128

@@ -19,6 +19,9 @@ import pytest
 from tests.conftest import WORDS, minilm_path
 
 FAMILIES = ("bert", "distilbert", "electra", "mpnet", "roberta", "xlm-roberta", "modernbert")
+# mpnet_directory's tokenizer: MiniLM's 30,522 tokens, then <s>, <pad>, </s>, <unk>, <mask>.
+MPNET_VOCAB = 30527
+MPNET_PAD_ID = 30523
 
 
 def _write(target: Path, tokenizer: object, model_type: str, config: dict[str, object]) -> Path:
@@ -37,7 +40,7 @@ def _wordpiece_specials(target: Path, model_type: str, config: dict[str, object]
     return _write(target, tokenizer, model_type, config)
 
 
-def _mpnet(target: Path) -> Path:
+def mpnet_directory(target: Path) -> Path:
     """all-mpnet-base-v2's shape: BERT's normalizer and WordPiece, RoBERTa's specials."""
     from tokenizers import AddedToken, Tokenizer, processors
 
@@ -92,7 +95,7 @@ def hub_directory(family: str, target: Path, bytelevel: Path, unigram: Path) -> 
         config = {"tokenizer_class": "ElectraTokenizer", "do_lower_case": True}
         return _wordpiece_specials(target, "electra", config)
     if family == "mpnet":
-        return _mpnet(target)
+        return mpnet_directory(target)
     if family == "roberta":
         return _renamed(target, bytelevel, "roberta", "RobertaTokenizer")
     if family == "xlm-roberta":
