@@ -47,7 +47,7 @@ from batchjob.artifact import file_checksums, verify_files
 from batchjob.artifact_manifest import MANIFEST
 from batchjob.config import CompileSpec
 from batchjob.errors import BatchJobError, UsageError
-from batchjob.s3 import S3, S3Error, S3Url, is_s3, s3_error
+from batchjob.s3 import BODY_RESUMES, S3, S3Error, S3Url, is_s3, s3_error
 from batchjob.safe_tar import COPY_BYTES, flush, unpack
 
 log = logging.getLogger("batchjob.model_location")
@@ -249,14 +249,14 @@ class _Fetch:
         if "objects" in version:
             slots = asyncio.Semaphore(DOWNLOADS_IN_FLIGHT)
 
-            async def one(rel: str) -> tuple[str, str]:
+            async def one(rel: str, etag: str) -> tuple[str, str]:
                 target = os.path.join(model, *rel.split("/"))
                 await asyncio.to_thread(os.makedirs, os.path.dirname(target), exist_ok=True)
                 async with slots:
-                    digest = await self._get(s3, self.location.join(rel), None, target)
+                    digest = await self._get(s3, self.location.join(rel), etag, target)
                 return rel, digest
 
-            found = await asyncio.gather(*(one(rel) for rel, _, _ in version["objects"]))
+            found = await asyncio.gather(*(one(rel, etag) for rel, _, etag in version["objects"]))
             record["objects_sha256"] = dict(found)
         else:
             archive = os.path.join(staging, ".archive")
@@ -271,37 +271,48 @@ class _Fetch:
         record["files"] = files
         return record
 
-    async def _get(self, s3: S3, url: S3Url, etag: str | None, target: str) -> str:
-        """Download `url` to `target` (If-Match `etag`: the version that was looked up);
-        its SHA-256."""
-        options = {"IfMatch": etag} if etag else {}
-        try:
-            response = await s3.get(url, **options)
-        except S3Error as e:
-            if e.status == 412:
-                raise S3Error(f"GetObject {url}: changed while it was fetched; try again") from e
-            raise self._usage(e) from None
-        body, sha, size = response["Body"], hashlib.sha256(), 0
-        expected = int(response["ContentLength"])
+    async def _get(self, s3: S3, url: S3Url, etag: str, target: str) -> str:
+        """Download `url` to `target`, its SHA-256. If-Match `etag`: the version that was
+        looked up, also for the ranged GETs that resume a body that broke (botocore retries
+        a request only until its headers arrive)."""
+        sha, size, resumes = hashlib.sha256(), 0, 0
         f = await asyncio.to_thread(open, target, "wb")
         try:
+            response = await self._get_from(s3, url, etag, 0)
+            expected = int(response["ContentLength"])
             while True:
+                body = response["Body"]
                 try:
-                    data = await body.read(COPY_BYTES)
-                except Exception as e:  # botocore, aiohttp and socket errors alike
-                    raise s3_error("GetObject", url, e) from e
-                if not data:
+                    while data := await body.read(COPY_BYTES):
+                        sha.update(data)
+                        size += len(data)
+                        await asyncio.to_thread(f.write, data)
                     break
-                sha.update(data)
-                size += len(data)
-                await asyncio.to_thread(f.write, data)
+                except Exception as e:  # botocore, aiohttp and socket errors alike
+                    resumes += 1
+                    if resumes > BODY_RESUMES:
+                        raise s3_error("GetObject", url, e) from e
+                    log.warning("%s broke at byte %d (%s): resuming", url, size, e)
+                finally:
+                    body.release()
+                response = await self._get_from(s3, url, etag, size)
             await asyncio.to_thread(flush, f)
         finally:
-            body.release()
             f.close()
         if size != expected:
             raise S3Error(f"GetObject {url}: {size} bytes of {expected} arrived", "Truncated")
         return sha.hexdigest()
+
+    async def _get_from(self, s3: S3, url: S3Url, etag: str, offset: int) -> Any:
+        options = {"IfMatch": etag} if etag else {}
+        if offset:
+            options["Range"] = f"bytes={offset}-"
+        try:
+            return await s3.get(url, **options)
+        except S3Error as e:
+            if e.status == 412:
+                raise S3Error(f"GetObject {url}: changed while it was fetched; try again") from e
+            raise self._usage(e) from None
 
 
 def _checksums(root: str) -> dict[str, str]:

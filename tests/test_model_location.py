@@ -17,6 +17,7 @@ import pytest
 
 from batchjob.errors import StorageError, UsageError
 from batchjob.model_location import MODELS_DIR, RECORD, fetch_model
+from batchjob.s3 import BODY_RESUMES
 from tests.conftest import assert_usage_error, invoke, make_texts, write_jsonl
 from tests.s3_server import Bucket, Fault, FaultProxy
 from tests.sqs_queues import Queues, run_worker
@@ -203,18 +204,31 @@ def test_nothing_there_is_a_one_line_refusal(
         fetch_model(bucket.uri("nope/model"), str(tmp_path))
 
 
-def test_a_broken_download_leaves_nothing_and_the_next_one_works(
+def test_a_broken_body_is_resumed_and_a_lost_download_leaves_nothing(
     bucket: Bucket, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    data = tar_gz([file_member("weights.bin", os.urandom(200_000))])
+    data = tar_gz([file_member("weights.bin", os.urandom(300_000))])
     bucket.put("w/model.tar.gz", data)
-    proxy.faults.append(Fault("GET", "/w/model.tar.gz", cut_at=50_000, times=1))
-    with pytest.raises(StorageError):
-        fetch_model(bucket.uri("w/model.tar.gz"), str(tmp_path))
-    assert cache_listing(tmp_path) == []
-    fetched = fetch_model(bucket.uri("w/model.tar.gz"), str(tmp_path))
+    url = bucket.uri("w/model.tar.gz")
+    # Every body cut short: resumed (ranged GETs) until the resumes run out.
+    proxy.faults.append(Fault("GET", "/w/model.tar.gz", cut_at=20_000))
+    with pytest.raises(StorageError, match=r"GetObject s3://\S+/w/model\.tar\.gz"):
+        fetch_model(url, str(tmp_path))
+    assert gets(proxy, "w/model.tar.gz") == 1 + BODY_RESUMES
+    assert cache_listing(tmp_path) == []  # no entry, no staging directory
+
+    # One body cut short: the download resumes where it broke, from the same version.
+    proxy.faults[:] = [Fault("GET", "/w/model.tar.gz", cut_at=50_000, times=1)]
+    fetched = fetch_model(url, str(tmp_path))
     assert fetched.downloaded
-    assert Path(fetched.path, "weights.bin").stat().st_size == 200_000
+    resumed = proxy.seen("GET", "/w/model.tar.gz")[-1].lower_headers
+    assert resumed["range"] == "bytes=50000-"
+    assert (
+        resumed["if-match"]
+        == bucket.client.head_object(Bucket=bucket.name, Key="w/model.tar.gz")["ETag"]
+    )
+    record = json.loads(Path(fetched.path).parent.joinpath(RECORD).read_text())
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_processes_starting_at_once_download_once(
@@ -329,3 +343,23 @@ def test_worker_takes_an_s3_model(
     assert worker.messages("done") == [worker.messages("done")[0]]
     assert bucket.keys("out/") == ["out/inline/one.parquet"]
     assert f"fetched {bucket.uri('models/tiny/model.tar.gz')}" in worker.log()
+
+
+def test_an_object_replaced_between_head_and_get_is_not_mixed(
+    bucket: Bucket, s3_env: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If-Match: the bytes downloaded are those of the version looked up, or none."""
+    from batchjob.model_location import _Fetch
+
+    bucket.put("r/model.tar.gz", tar_gz([file_member("config.json", b'{"v": 1}')]))
+    look_up = _Fetch._version
+
+    async def look_up_then_replace(self: _Fetch) -> dict[str, object]:
+        version = await look_up(self)
+        bucket.put("r/model.tar.gz", tar_gz([file_member("config.json", b'{"v": 2}')]))
+        return version
+
+    monkeypatch.setattr(_Fetch, "_version", look_up_then_replace)
+    with pytest.raises(StorageError, match="changed while it was fetched; try again"):
+        fetch_model(bucket.uri("r/model.tar.gz"), str(tmp_path))
+    assert cache_listing(tmp_path) == []
