@@ -51,7 +51,11 @@ def _integer(text: str) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
-    p.add_argument("--model", default=S, help="artifact directory, model directory or hub id")
+    p.add_argument(
+        "--model",
+        default=S,
+        help="artifact or model: a directory, a hub id, s3://.../x.tar.gz or s3://prefix/",
+    )
     p.add_argument("--task", default=S, help="text-classification or feature-extraction")
     p.add_argument("--backend", default=S, help="cpu (default), neuron (Inf1), neuronx (Inf2/Trn1)")
     p.add_argument("--dtype", default=S, help="auto (default: bf16 where native), fp32, bf16")
