@@ -51,7 +51,11 @@ def _integer(text: str) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
-    p.add_argument("--model", default=S, help="artifact directory, model directory or hub id")
+    p.add_argument(
+        "--model",
+        default=S,
+        help="artifact or model: a directory, a hub id, s3://.../x.tar.gz or s3://prefix/",
+    )
     p.add_argument("--task", default=S, help="text-classification or feature-extraction")
     p.add_argument("--backend", default=S, help="cpu (default), neuron (Inf1), neuronx (Inf2/Trn1)")
     p.add_argument("--dtype", default=S, help="auto (default: bf16 where native), fp32, bf16")
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("compile", help="compile a model to fixed-shape graphs")
     _add_model_options(p)
     p.add_argument("--output", required=True, help="artifact directory to create")
+    p.add_argument("--cache-dir", default=S, help="where an s3:// --model is downloaded to")
 
     p = commands.add_parser("run", help="run a model over shards (local or S3), write Parquet")
     p.add_argument("--job", default=S, help="YAML job file with the same fields; flags override")
@@ -263,8 +268,11 @@ def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "compile":
             from batchjob.compile import compile_artifact
+            from batchjob.config import default_cache_dir
+            from batchjob.model_location import local_compile_spec
 
-            compile_artifact(compile_spec(fields), args.output)
+            cache_dir = fields.get("cache_dir") or default_cache_dir()
+            compile_artifact(local_compile_spec(compile_spec(fields), cache_dir), args.output)
             print(f"batchjob compile: artifact written to {args.output}")
             return 0
         if "job" in fields:

@@ -141,7 +141,7 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
             function_to_apply=_function_to_apply(loaded),
             pooling=loaded.pooling,
             normalize=spec.normalize,
-            source_model=spec.model,
+            source_model=spec.source or spec.model,
             compiler_args=spec.compiler_args,
             versions=_versions(),
             max_abs_diff_vs_eager=worst if backend.device == "cpu" else None,

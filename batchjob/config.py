@@ -126,6 +126,7 @@ class CompileSpec:
     packing: bool | None = None  # None: packing where the model family allows it
     max_segments: int | None = None  # packing: documents a row may hold (default S // 8)
     calibrate: str | None = None  # a sample of the input: its lengths decide the shape
+    source: str = ""  # where `model` was fetched from (an s3:// URL: model_location.py)
 
     def __post_init__(self) -> None:
         require(bool(self.model), "--model is required")

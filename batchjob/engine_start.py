@@ -15,6 +15,7 @@ from batchjob.config import CompileSpec
 from batchjob.cores import Placement, plan_placements
 from batchjob.engine import Engine
 from batchjob.errors import UsageError
+from batchjob.model_location import local_compile_spec
 from batchjob.replicas import ReplicaPool
 from batchjob.startup import mark
 from batchjob.tasks import Head
@@ -38,14 +39,16 @@ def open_artifact(spec: EngineSpec) -> tuple[Artifact, list[Placement]]:
     """The artifact (verified, or compiled first into the cache), checked against `--task`,
     and where its replicas run. Blocking (a compile takes a while). UsageError: nothing ran.
     An artifact is opened without importing torch or transformers; a plain model compiles
-    with both."""
-    if is_artifact(spec.compile.model):
-        artifact = load_artifact(spec.compile.model)
+    with both. An s3:// model is fetched into the cache first (model_location.py)."""
+    owner = getattr(spec, "expected_bucket_owner", None)  # run and worker have one
+    compile = local_compile_spec(spec.compile, spec.cache_dir, expected_bucket_owner=owner)
+    if is_artifact(compile.model):
+        artifact = load_artifact(compile.model)
     else:
         from batchjob.compile import ensure_artifact
 
-        artifact = ensure_artifact(spec.compile, spec.cache_dir)
-    task = spec.compile.task
+        artifact = ensure_artifact(compile, spec.cache_dir)
+    task = compile.task
     if task is not None and artifact.task != task:
         raise UsageError(
             f"--task is {task} but the artifact {artifact.path} was compiled for {artifact.task}"

@@ -111,6 +111,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    version_id: str | None = None  # HEAD only, in a versioned bucket
 
 
 class S3:
@@ -186,7 +187,7 @@ class S3:
             raise s3_error("HeadObject", url, e) from e
         except BotoCoreError as e:
             raise s3_error("HeadObject", url, e) from e
-        return ObjectInfo(url.key, int(r["ContentLength"]), r.get("ETag", ""))
+        return ObjectInfo(url.key, int(r["ContentLength"]), r.get("ETag", ""), r.get("VersionId"))
 
     async def open(self, url: S3Url) -> ObjectReader:
         """The object as a blocking stream for a worker thread, downloaded ahead in the loop.

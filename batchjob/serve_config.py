@@ -1,23 +1,59 @@
-"""`batchjob serve`'s spec: flags first, then the environment that SageMaker and the Hugging
-Face inference toolkit define, read once here at start-up.
+"""`batchjob serve`'s spec: flags first, then the environment (Batch Transform can pass
+nothing else), read once here at start-up. Every flag has its variable, and a flag wins over
+it; a variable's value is checked as the flag's is, and a bad one is named in the one-line
+refusal (`BATCHJOB_REPLICAS=0: --replicas must be ≥ 1, got 0`). `true`/`false` variables
+also take 1/0, yes/no, on/off. An empty variable is not set.
 
-| setting       | flag                         | environment, where no flag                   |
-|---------------|------------------------------|----------------------------------------------|
-| port          | --port                       | SAGEMAKER_BIND_TO_PORT, else 8080            |
-| payload limit | —                            | SAGEMAKER_MAX_PAYLOAD_IN_MB, else 6          |
-| model         | --model                      | /opt/ml/model; HF_MODEL_ID when it is empty  |
-| task          | --task                       | HF_TASK                                      |
-| shapes        | --batch-size, --buckets, ... | config.json's `neuron` section, else         |
-|               |                              | HF_OPTIMUM_BATCH_SIZE, _SEQUENCE_LENGTH      |
-| backend       | --backend                    | BATCHJOB_BACKEND (the neuronx image sets it) |
-| long documents| --long-documents             | BATCHJOB_LONG_DOCUMENTS                      |
-|               | --chunk-overlap              | BATCHJOB_CHUNK_OVERLAP                       |
-| prompt        | --prompt, --prompt-name      | BATCHJOB_PROMPT, BATCHJOB_PROMPT_NAME        |
-| kept columns  | --keep-columns               | BATCHJOB_KEEP_COLUMNS                        |
-| embeddings    | --embedding-dim, -precision, | BATCHJOB_EMBEDDING_DIM, _PRECISION, _RANGES  |
-|               | -ranges, -type               | (a file in the model), _TYPE (Parquet only)  |
-| multi-label   | --multi-label, --threshold   | BATCHJOB_MULTI_LABEL (true/false),           |
-|               |                              | BATCHJOB_THRESHOLD                           |
+| flag                       | environment                                               |
+|----------------------------|-----------------------------------------------------------|
+| --model                    | BATCHJOB_MODEL, else /opt/ml/model, else HF_MODEL_ID      |
+| --task                     | BATCHJOB_TASK, else HF_TASK (the toolkit's names)         |
+| --backend                  | BATCHJOB_BACKEND (the neuronx image sets it)              |
+| --dtype                    | BATCHJOB_DTYPE                                            |
+| --batch-size               | BATCHJOB_BATCH_SIZE                                       |
+| --sequence-length          | BATCHJOB_SEQUENCE_LENGTH                                  |
+| --buckets                  | BATCHJOB_BUCKETS (e.g. 16,32,64,128)                      |
+| --max-batch-tokens         | BATCHJOB_MAX_BATCH_TOKENS                                 |
+|   (no shape flag or        | config.json's `neuron` section, else                      |
+|   BATCHJOB_ shape variable)| HF_OPTIMUM_SEQUENCE_LENGTH, HF_OPTIMUM_BATCH_SIZE         |
+| --compiler-args            | BATCHJOB_COMPILER_ARGS                                    |
+| --pooling                  | BATCHJOB_POOLING                                          |
+| --no-normalize             | BATCHJOB_NORMALIZE (true/false)                           |
+| --packing, --no-packing    | BATCHJOB_PACKING (true/false)                             |
+| --max-segments             | BATCHJOB_MAX_SEGMENTS                                     |
+| --calibrate                | BATCHJOB_CALIBRATE                                        |
+| --replicas                 | BATCHJOB_REPLICAS                                         |
+| --cores-per-replica        | BATCHJOB_CORES_PER_REPLICA                                |
+| --replica-start-timeout    | BATCHJOB_REPLICA_START_TIMEOUT                            |
+| --cache-dir                | BATCHJOB_CACHE_DIR                                        |
+| --host                     | BATCHJOB_HOST                                             |
+| --port                     | SAGEMAKER_BIND_TO_PORT, else 8080                         |
+| (payload limit, no flag)   | SAGEMAKER_MAX_PAYLOAD_IN_MB, else 6                       |
+| --max-batch-delay-ms       | BATCHJOB_MAX_BATCH_DELAY_MS                               |
+| --text-field               | BATCHJOB_TEXT_FIELD                                       |
+| --long-documents           | BATCHJOB_LONG_DOCUMENTS                                   |
+| --chunk-overlap            | BATCHJOB_CHUNK_OVERLAP                                    |
+| --prompt, --prompt-name    | BATCHJOB_PROMPT, BATCHJOB_PROMPT_NAME (either flag        |
+|                            | replaces both)                                            |
+| --keep-columns             | BATCHJOB_KEEP_COLUMNS                                     |
+| --embedding-type           | BATCHJOB_EMBEDDING_TYPE                                   |
+| --embedding-dim            | BATCHJOB_EMBEDDING_DIM                                    |
+| --embedding-precision      | BATCHJOB_EMBEDDING_PRECISION                              |
+| --embedding-ranges         | BATCHJOB_EMBEDDING_RANGES (a file in the model)           |
+| --multi-label              | BATCHJOB_MULTI_LABEL (true/false)                         |
+| --threshold                | BATCHJOB_THRESHOLD                                        |
+| --drain-seconds            | BATCHJOB_DRAIN_SECONDS                                    |
+| --max-concurrent-requests  | BATCHJOB_MAX_CONCURRENT_REQUESTS                          |
+| --queue-timeout            | BATCHJOB_QUEUE_TIMEOUT                                    |
+| --header-timeout           | BATCHJOB_HEADER_TIMEOUT                                   |
+| --body-timeout             | BATCHJOB_BODY_TIMEOUT                                     |
+
+The shape, as the Hugging Face inference toolkit reads it: a `neuron` section with both
+`static_batch_size` and `static_sequence_length`, else HF_OPTIMUM_SEQUENCE_LENGTH with
+HF_OPTIMUM_BATCH_SIZE (default 1; alone it is refused, as the toolkit refuses it). With
+none of these the toolkit fails on Inferentia, and batchjob compiles its own shapes (the
+model's length, in buckets). The shape settings apply to a plain model, compiled at start-up:
+an artifact keeps the shapes it was compiled with.
 
 Limits (serve_limits.py says how each is enforced): --max-concurrent-requests (default: the
 MaxConcurrentTransforms advertised), --queue-timeout, --header-timeout, --body-timeout.
@@ -25,16 +61,14 @@ MaxConcurrentTransforms advertised), --queue-timeout, --header-timeout, --body-t
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from batchjob.config import (
     DEFAULT_CHUNK_OVERLAP,
-    LONG_DOCUMENTS,
-    SHAPE_FIELDS,
     CompileSpec,
     check_replica_options,
     check_text_options,
@@ -48,6 +82,15 @@ from batchjob.output_format import (
     OutputFormat,
     output_format,
     output_format_from_env,
+)
+from batchjob.serve_environment import (
+    GENERIC_VARIABLES,
+    SERVE_VARIABLES,
+    env_int,
+    environment_fields,
+    fill_shapes,
+    parse_variable,
+    text_options_from_env,
 )
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
@@ -132,16 +175,6 @@ class ServeSpec:
         return self.max_payload_mb << 20
 
 
-def _env_int(environ: Mapping[str, str], name: str) -> int | None:
-    text = environ.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise UsageError(f"{name} must be an integer, got {text!r}") from None
-
-
 def _has_files(path: str) -> bool:
     return os.path.isdir(path) and any(not n.startswith(".") for n in os.listdir(path))
 
@@ -155,7 +188,7 @@ def _model(fields: Mapping[str, Any], environ: Mapping[str, str]) -> str:
         return hub_id
     raise UsageError(
         f"no model: {DEFAULT_MODEL_DIR} is empty or missing and HF_MODEL_ID is not set; "
-        "pass --model ARTIFACT_OR_MODEL"
+        "pass --model ARTIFACT_OR_MODEL (or BATCHJOB_MODEL)"
     )
 
 
@@ -172,95 +205,42 @@ def _task(fields: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
     return HF_TASKS[hf_task]
 
 
-def neuron_shape(model: str) -> tuple[int | None, int | None]:
-    """(static_batch_size, static_sequence_length) from config.json's `neuron` section."""
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        return None, None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a readable model config: {e}") from None
-    neuron = config.get("neuron") if isinstance(config, dict) else None
-    if not isinstance(neuron, dict):
-        return None, None
-    found = []
-    for key in ("static_batch_size", "static_sequence_length"):
-        value = neuron.get(key)
-        require(
-            value is None or (isinstance(value, int) and value >= 1),
-            f"{path}: neuron.{key} must be an integer ≥ 1, got {value!r}",
-        )
-        found.append(value)
-    return found[0], found[1]
-
-
-def _shapes(fields: dict[str, Any], model: str, environ: Mapping[str, str]) -> None:
-    """Fill the shape fields from the environment where no shape flag was given."""
-    if any(name in fields for name in SHAPE_FIELDS):
-        return
-    # A model compiled by optimum-neuron has these in its config; the toolkit prefers them.
-    batch, length = neuron_shape(model)
-    if batch is None and length is None:
-        batch = _env_int(environ, "HF_OPTIMUM_BATCH_SIZE")
-        length = _env_int(environ, "HF_OPTIMUM_SEQUENCE_LENGTH")
-        for name, value in (
-            ("HF_OPTIMUM_BATCH_SIZE", batch),
-            ("HF_OPTIMUM_SEQUENCE_LENGTH", length),
-        ):
-            require(value is None or value >= 1, f"{name} must be ≥ 1, got {value}")
-    if batch is not None:
-        fields["batch_size"] = batch
-    if length is not None:
-        fields["sequence_length"] = length
-
-
-def _text_options(fields: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """--long-documents, --chunk-overlap, --prompt/--prompt-name from the environment where no
-    flag gave them (a prompt flag replaces both prompt variables)."""
-    mode = environ.get("BATCHJOB_LONG_DOCUMENTS", "").strip()
-    if "long_documents" not in fields and mode:
-        require(
-            mode in LONG_DOCUMENTS,
-            f"BATCHJOB_LONG_DOCUMENTS must be one of {', '.join(LONG_DOCUMENTS)}, got {mode!r}",
-        )
-        fields["long_documents"] = mode
-    overlap = _env_int(environ, "BATCHJOB_CHUNK_OVERLAP")
-    if "chunk_overlap" not in fields and overlap is not None:
-        require(overlap >= 0, f"BATCHJOB_CHUNK_OVERLAP must be ≥ 0, got {overlap}")
-        fields["chunk_overlap"] = overlap
-    if "prompt" in fields or "prompt_name" in fields:
-        return
-    # The prompt is taken as it is (a trailing space is part of it); an empty name is none.
-    if "BATCHJOB_PROMPT" in environ:
-        fields["prompt"] = environ["BATCHJOB_PROMPT"]
-    if name := environ.get("BATCHJOB_PROMPT_NAME", "").strip():
-        fields["prompt_name"] = name
-    require(
-        not ("prompt" in fields and "prompt_name" in fields),
-        "BATCHJOB_PROMPT and BATCHJOB_PROMPT_NAME exclude each other",
-    )
-
-
 def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpec:
-    """The spec from parsed flags (absent ones missing) and the process environment."""
+    """The spec from parsed flags (absent ones missing) and the process environment. A value
+    refused that came from a variable is refused naming it (`BATCHJOB_X=v: --x must be...`)."""
+    from_environment = environment_fields(flags, environ)
+    try:
+        return _serve_spec(flags, environ, from_environment)
+    except UsageError as e:
+        message = str(e)
+        flag = re.search(r"--[a-z][a-z-]*", message)
+        name = flag.group(0)[2:].replace("-", "_") if flag else ""
+        name = "normalize" if name == "no_normalize" else name
+        if name in from_environment and not message.startswith(SERVE_VARIABLES[name]):
+            raise UsageError(f"{from_environment[name]}: {message}") from None
+        raise
+
+
+def _serve_spec(
+    flags: Mapping[str, Any], environ: Mapping[str, str], from_environment: dict[str, str]
+) -> ServeSpec:
     fields = dict(flags)
+    for name, setting in from_environment.items():
+        variable, _, text = setting.partition("=")
+        fields[name] = parse_variable(variable, GENERIC_VARIABLES[name], text)
     fields["model"] = _model(fields, environ)
     if task := _task(fields, environ):
         fields["task"] = task
-    if "backend" not in fields and (backend := environ.get("BATCHJOB_BACKEND", "").strip()):
-        fields["backend"] = backend
-    _shapes(fields, fields["model"], environ)
+    fill_shapes(fields, fields["model"], environ)
     port = fields.get("port")
     if port is None:
-        port = _env_int(environ, "SAGEMAKER_BIND_TO_PORT")
+        port = env_int(environ, "SAGEMAKER_BIND_TO_PORT")
         require(
             port is None or 1 <= port <= 65535,
             f"SAGEMAKER_BIND_TO_PORT must be 1..65535, got {port}",
         )
-    payload = _env_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB")
-    _text_options(fields, environ)
+    payload = env_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB")
+    text_options_from_env(fields, environ)
     given = {name: fields[name] for name in OUTPUT_FIELDS if name in fields}
     formats = output_format({**output_format_from_env(environ), **given})
     options = {

@@ -515,6 +515,8 @@ def test_cache_key_changes_with_every_option(
         "packing": False,
         "max_segments": 3,
         "calibrate": str(tmp_path / "sample"),
+        # Where the model was fetched from: recorded as the artifact's source_model.
+        "source": "s3://bucket/models/classifier/model.tar.gz",
     }
     assert sorted(alternatives) == sorted(f.name for f in dataclasses.fields(CompileSpec))
     for name, value in alternatives.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,13 @@ MANIFESTS = POLICIES.parent
 # upload (outputs over 64 MiB); GetQueueUrl, a --queue given by name (moto, unlike SQS,
 # checks GetQueueUrl against "*" instead of the queue's ARN, and so refuses it).
 NOT_EXERCISED = {"s3:AbortMultipartUpload", "sqs:GetQueueUrl"}
+
+
+def tar_gz_of(folder: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(folder, arcname=".")
+    return buffer.getvalue()
 
 
 def jsonl(prefix: str, n: int, seed: int) -> bytes:
@@ -219,18 +227,22 @@ def test_policies_fit_the_other_manifests() -> None:
     ]
     assert all(allowed_by(run, call) for call in needs), needs
     assert flag(cron, "--expected-bucket-owner") == ACCOUNT
-    deployment = container_args("sqs-worker.yaml")
-    url = flag(deployment, "--queue")  # https://sqs.REGION.amazonaws.com/ACCOUNT/NAME
-    region, account, name = url.split(".")[1], url.split("/")[3], url.split("/")[4]
-    assert f"arn:aws:sqs:{region}:{account}:{name}" == QUEUE_ARN
-    allowed_input, out = flag(deployment, "--allow-input"), flag(deployment, "--output")
-    needs = [Call(f"sqs:{a}", QUEUE_ARN) for a in ("ReceiveMessage", "DeleteMessage")]
-    needs += [
-        Call("s3:GetObject", s3_arn(allowed_input, "x.jsonl")),
-        Call("s3:GetObject", s3_arn(out, "x.parquet")),  # the HEAD that finds a finished output
-        Call("s3:PutObject", s3_arn(out, "x.parquet")),
-    ]
-    assert all(allowed_by(worker, call) for call in needs), needs
+    for manifest in ("sqs-worker.yaml", "sqs-worker-neuron.yaml"):
+        deployment = container_args(manifest)
+        url = flag(deployment, "--queue")  # https://sqs.REGION.amazonaws.com/ACCOUNT/NAME
+        region, account, name = url.split(".")[1], url.split("/")[3], url.split("/")[4]
+        assert f"arn:aws:sqs:{region}:{account}:{name}" == QUEUE_ARN
+        allowed_input, out = flag(deployment, "--allow-input"), flag(deployment, "--output")
+        needs = [Call(f"sqs:{a}", QUEUE_ARN) for a in ("ReceiveMessage", "DeleteMessage")]
+        needs += [
+            Call("s3:GetObject", s3_arn(flag(deployment, "--model"))),  # the HEAD, the GET
+            Call("s3:GetObject", s3_arn(allowed_input, "x.jsonl")),
+            Call("s3:GetObject", s3_arn(out, "x.parquet")),  # the HEAD of a finished output
+            Call("s3:PutObject", s3_arn(out, "x.parquet")),
+        ]
+        assert all(allowed_by(worker, call) for call in needs), (manifest, needs)
+        # The model is read by the worker, never by what messages ask for.
+        assert not flag(deployment, "--model").startswith(allowed_input)
     model = json.loads((MANIFESTS / "sagemaker" / "create-model.json").read_text())
     job = json.loads((MANIFESTS / "sagemaker" / "create-transform-job.json").read_text())
     image = model["PrimaryContainer"]["Image"]  # ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPO:TAG
@@ -294,9 +306,13 @@ def test_worker_under_the_worker_policy(
     for key in ("incoming/a.jsonl", "private/secret.jsonl"):  # the second: not --allow-input
         s3 = {"bucket": {"name": BUCKET}, "object": {"key": key}}
         queue.send({"Records": [{"eventName": "ObjectCreated:Put", "s3": s3}]})
+    # The model from S3, as the Deployment has it: an artifact tarred as model.tar.gz.
+    model = "models/minilm/model.tar.gz"
+    world.client("s3").put_object(Bucket=BUCKET, Key=model, Body=tar_gz_of(artifact))
     act_as(world, "worker", recorder.url, monkeypatch, tmp_path)
     flags = ("--allow-input", INPUT, "--expected-bucket-owner", ACCOUNT, "--exit-when-idle", "2")
-    with worker_process(artifact, queue, OUTPUT, tmp_path, *flags) as worker:
+    flags += ("--cache-dir", str(tmp_path / "cache"))
+    with worker_process(f"s3://{BUCKET}/{model}", queue, OUTPUT, tmp_path, *flags) as worker:
         assert worker.finish() == 0, worker.log()
     assert len(worker.messages("done")) == 2, worker.log()
     assert "private/secret.jsonl is not under --allow-input" in worker.log()

@@ -295,10 +295,20 @@ def test_dockerfile_contract(name: str) -> None:
     assert destinations["entrypoint.sh"] == "/app/entrypoint.sh"
     assert {"pyproject.toml", "batchjob"} <= set(destinations)
     installs = " ".join(a for k, a in steps if k == "RUN")
-    assert "index-url" not in installs  # the build's pip configuration picks the index
+    # No HTTP health check inherited (the Neuron base image has one on :8080/ping): `run`
+    # and `worker` containers answer no HTTP.
+    assert [a for k, a in steps if k == "HEALTHCHECK"] == ["NONE"]
+    assert kinds.index("HEALTHCHECK") > kinds.index("FROM")
     if name == "Dockerfile":
         assert steps[kinds.index("FROM")][1] == "python:3.11-slim"
-        assert installs.index("pip install torch==2.13.0") < installs.index("pip install .")
+        # The CPU build of torch from PyTorch's CPU index, pinned as the Makefile pins it,
+        # then kept as a constraint when batchjob is installed (PyPI's torch is CUDA's).
+        makefile_pin = re.search(r"torch==[\d.]+", (REPO / "Makefile").read_text())
+        assert makefile_pin is not None
+        torch = f"pip install --index-url https://download.pytorch.org/whl/cpu {makefile_pin[0]}"
+        assert torch in installs
+        assert installs.index(torch) < installs.index("pip install -c /tmp/torch-pin.txt .")
+        assert installs.count("index-url") == 1  # only torch comes from there
         users = [a for k, a in steps if k == "USER"]
         assert users
         assert users[-1] not in ("root", "0")
@@ -310,6 +320,7 @@ def test_dockerfile_contract(name: str) -> None:
             base,
         ), base  # torch-neuronx (Inf2/Trn1), Python ≥ 3.11 as pyproject.toml requires
         assert "pip install -c /tmp/neuron-pins.txt ." in installs  # the SDK's torch stays
+        assert "index-url" not in installs  # the base image's Neuron torch, not another
         assert "BATCHJOB_BACKEND=neuronx" in " ".join(a for k, a in steps if k == "ENV")
 
 

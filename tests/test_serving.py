@@ -339,6 +339,7 @@ def test_spec_reads_the_environment_once(tmp_path: Path) -> None:
     assert spec.compile.task == "text-classification"
     assert (spec.port, spec.max_payload_mb, spec.host) == (8080, 6, "0.0.0.0")
     (model / "config.json").write_text("{}")
+    env |= {"HF_OPTIMUM_SEQUENCE_LENGTH": str(CLASSIC_SEQUENCE_LENGTH)}
     spec = serve_spec({"model": str(model), "port": 0}, env | {"SAGEMAKER_BIND_TO_PORT": "9000"})
     assert spec.compile.shapes == (Shape(CLASSIC_SEQUENCE_LENGTH, 8),)
     assert spec.port == 0
