@@ -305,7 +305,8 @@ def test_dockerfile_contract(name: str) -> None:
         # then kept as a constraint when batchjob is installed (PyPI's torch is CUDA's).
         makefile_pin = re.search(r"torch==[\d.]+", (REPO / "Makefile").read_text())
         assert makefile_pin is not None
-        torch = f"pip install --index-url https://download.pytorch.org/whl/cpu {makefile_pin[0]}"
+        assert ("ARG", "TORCH_INDEX_URL") in steps  # given at build time, required
+        torch = f'pip install --index-url "$TORCH_INDEX_URL" {makefile_pin[0]}'
         assert torch in installs
         assert installs.index(torch) < installs.index("pip install -c /tmp/torch-pin.txt .")
         assert installs.count("index-url") == 1  # only torch comes from there
