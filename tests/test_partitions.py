@@ -3,6 +3,7 @@ schedulers' environment, and what a bad choice says. End to end: tests/test_part
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from pathlib import Path
@@ -15,7 +16,9 @@ from batchjob.job_files import load_job_file
 from batchjob.partitions import Partition, parse_partition, part_of, resolve_partition
 from batchjob.shards import ShardRef, list_shards, parse_shard_list, shard
 from batchjob.sinks import is_run_manifest
+from batchjob.storage import Storage
 from tests.conftest import assert_usage_error, invoke, write_jsonl
+from tests.s3_server import Bucket
 
 SCHEDULER_VARS = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX", "AWS_BATCH_JOB_ARRAY_SIZE")
 
@@ -244,3 +247,24 @@ def test_partitions_from_a_job_file_and_the_environment(tmp_path: Path) -> None:
     job.write_text("model: m\ninput: in/\noutput: out/\npartitions: '4'\n")
     with pytest.raises(UsageError, match="partitions must be an integer, got '4'"):
         load_job_file(str(job))
+
+
+def test_an_earlier_partitioned_output_under_an_s3_input_is_not_read(bucket: Bucket) -> None:
+    bucket.put_many(
+        {
+            "a.jsonl": b"",
+            "_manifest.part-0-of-2.json": b"{}",  # at the root listed: the root is still read
+            "old/b.jsonl": b"",
+            "old/_manifest.part-1-of-3.json": b"{}",
+            "older/c.jsonl": b"",
+            "older/_manifest.json": b"{}",
+            "newer/d.jsonl": b"",
+        }
+    )
+
+    async def listing(root: str) -> list[str]:
+        async with Storage() as storage:
+            return [s.rel for s in await storage.list_shards(root)]
+
+    assert asyncio.run(listing(bucket.uri(""))) == ["a.jsonl", "newer/d.jsonl"]
+    assert asyncio.run(listing(bucket.uri("old/"))) == ["b.jsonl"]
