@@ -18,7 +18,14 @@ import pytest
 
 from batchjob.partitions import Partition, part_of
 from batchjob.shards import shard
-from tests.conftest import CompileFn, invoke, make_texts, run_job, write_jsonl
+from tests.conftest import (
+    CompileFn,
+    assert_usage_error,
+    invoke,
+    make_texts,
+    run_job,
+    write_jsonl,
+)
 from tests.test_kill_resume import STARTUP, ids_in, wait_until
 
 SHARDS, PER_SHARD, PARTS = 45, 30, 3
@@ -179,3 +186,20 @@ def test_an_empty_part_succeeds_and_says_so(
     manifest = json.loads((out / "_manifest.part-2-of-3.json").read_text())
     assert manifest["partition"]["shards"] == 0
     assert manifest["shards"] == {"done": [], "skipped": [], "failed": []}
+
+
+def test_int8_parts_need_given_ranges(
+    embedder_dir: Path, compiled: CompileFn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ranges taken from each part's first records would quantise the parts differently."""
+    artifact = compiled(embedder_dir).path
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": "some text"}])
+    out = tmp_path / "out"
+    argv = ["run", "--model", artifact, "--input", str(tmp_path / "in"), "--output", str(out)]
+    code, stdout, err = invoke(
+        [*argv, "--partition", "0/2", "--embedding-precision", "int8"], capsys
+    )
+    assert_usage_error(
+        code, stdout, err, ("--partition 0/2 with --embedding-precision int8 needs",)
+    )
+    assert not out.exists()
