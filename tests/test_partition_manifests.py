@@ -66,6 +66,8 @@ def test_each_index_runs_its_own_part_and_reruns_it_with_resume() -> None:
     count = job["completions"]
     assert job["parallelism"] == count >= 2
     pod = job["template"]["spec"]
+    accounts = by_kind(documents("cronjob.yaml"), "ServiceAccount")  # the one it shares
+    assert pod["serviceAccountName"] in [a["metadata"]["name"] for a in accounts]
     args = container_args(pod)
     assert args[0] == "run"
     fields = vars(parse(args))
