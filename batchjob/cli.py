@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=S, help="auto (by extension), jsonl, csv, parquet, txt")
     _add_record_options(p)
     p.add_argument("--resume", action="store_true", default=S, help="skip shards already done")
+    p.add_argument("--partition", default=S, help="I/N: run part I (0-based) of N of the shards")
+    p.add_argument(
+        "--partitions",
+        type=_integer,
+        default=S,
+        help="N parts, this one's index from JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX",
+    )
     p.add_argument("--sort-window", type=_integer, default=S, help="records (4096)")
     p.add_argument(
         "--records-per-read", type=_integer, default=S, help="records read at a time (1024)"
@@ -281,7 +288,9 @@ def _main(args: argparse.Namespace) -> int:
             from batchjob.runner import run
 
             mark("imports done")
-            return run(run_spec(fields))
+            import os
+
+            return run(run_spec(fields, os.environ))
         if args.command == "worker":
             from batchjob.worker import work
 

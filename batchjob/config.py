@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from batchjob.batching import Shape
 from batchjob.errors import UsageError
 from batchjob.output_format import OUTPUT_FIELDS, OutputFormat, output_format
+from batchjob.partitions import Partition, parse_partition, resolve_partition
 
 log = logging.getLogger("batchjob.config")
 
@@ -185,9 +187,17 @@ class RunSpec:
     expected_bucket_owner: str | None = None  # sent with every S3 call (ExpectedBucketOwner)
     # --keep-columns, --embedding-*
     output_format: OutputFormat = field(default_factory=OutputFormat)
+    # "I/N": run part I of N of the shards (partitions.py); run_spec resolves --partitions N
+    # and the schedulers' index variables into it.
+    partition: str | None = None
+
+    @property
+    def part(self) -> Partition | None:
+        return parse_partition(self.partition) if self.partition is not None else None
 
     def __post_init__(self) -> None:
         check_account_id(self.expected_bucket_owner)
+        _ = self.part  # a malformed --partition is refused here
         require(
             bool(self.input) or bool(self.input_manifest),
             "--input is required (or --input-manifest)",
@@ -345,6 +355,7 @@ COMPILE_FIELDS = (
 )
 _NOT_SPEC_FIELDS = {
     "job",
+    "partitions",  # resolved into `partition` (run_spec)
     "command",
     "log_level",
     *SHAPE_FIELDS,
@@ -369,12 +380,16 @@ def compile_spec(fields: dict[str, Any]) -> CompileSpec:
     return CompileSpec(model=fields.get("model", ""), shapes=shapes, **options)
 
 
-def run_spec(fields: dict[str, Any]) -> RunSpec:
+def run_spec(fields: dict[str, Any], env: Mapping[str, str] | None = None) -> RunSpec:
+    """`env`: where a scheduler's part index is read (the CLI passes os.environ); None reads
+    none."""
     require(
         not ("chunk_size" in fields and "records_per_read" in fields),
         "--chunk-size is the deprecated name of --records-per-read: give one of them",
     )
     options = {k: v for k, v in fields.items() if k not in _NOT_SPEC_FIELDS}
+    part = resolve_partition(fields.get("partition"), fields.get("partitions"), env or {})
+    options["partition"] = None if part is None else str(part)
     for name in ("model", "input", "output"):
         options.setdefault(name, "")
     return RunSpec(compile=compile_spec(fields), output_format=output_format(fields), **options)

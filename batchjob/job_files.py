@@ -78,6 +78,8 @@ def load_job_file(path: str, command: str = "run") -> dict[str, Any]:
     fields = {str(k).replace("-", "_"): v for k, v in data.items()}
     spec = WorkerSpec if command == "worker" else RunSpec
     known = _field_types(spec, CompileSpec)
+    if command == "run":
+        known["partitions"] = int  # not a spec field: resolved into `partition`
     unknown = sorted(set(fields) - set(known))
     require(not unknown, f"--job {path}: unknown field(s) {', '.join(unknown)}")
     for name in ("allow_input",):  # one prefix may be written without a list

@@ -60,6 +60,8 @@ class Report:
     engine: EngineStats = field(default_factory=EngineStats)  # batches, real/compiled tokens
     replica_restarts: int = 0
     seconds: float = 0.0  # the whole run
+    shards: int = 0  # this run's (its part's) shards
+    listed: int = 0  # shards in the input; with --partition, this part has fewer
     pipeline_seconds: float = 0.0  # from replicas ready to the last shard committed
 
     def fail(self, rel: str, reason: str) -> None:
@@ -86,8 +88,10 @@ def run(spec: RunSpec) -> int:
         if spec.long_documents != "truncate"
         else ""
     )
+    part = spec.part
+    of_part = f"part {part}: {report.shards} of {report.listed} shards; " if part else ""
     print(
-        f"batchjob run: {counts.documents} documents{windows}, {counts.errors} errors, "
+        f"batchjob run: {of_part}{counts.documents} documents{windows}, {counts.errors} errors, "
         f"{len(report.done)} shards done, {len(report.failed)} failed, "
         f"{len(report.skipped)} skipped, {report.seconds:.1f}s, {rate:.1f} documents/s",
         flush=True,
@@ -111,6 +115,10 @@ async def _main(spec: RunSpec, started: float) -> Report:
             raise UsageError(f"{why}: its results would overwrite or shadow the input")
         if spec.text_pair_field and any(s.format == "txt" for s in shards):
             raise UsageError("--text-pair-field can't be used with .txt shards (one text per line)")
+        listed = len(shards)
+        if spec.part is not None:  # every part checked the whole input above, alike
+            shards = spec.part.select(shards)
+            log.info("part %s: %d of %d shards", spec.part, len(shards), listed)
         artifact, placements = open_artifact(spec)
         options = spec_text_options(artifact, spec, UsageError)
         mark("artifact verified")
@@ -118,8 +126,14 @@ async def _main(spec: RunSpec, started: float) -> Report:
         head = make_head(artifact, spec.output_format, calibrate=True)
         chunked = options.long_documents == "chunk"
         check_keep_columns(keep, task_names(head), "--keep-columns", chunked)
+        if spec.part is not None and (embedder := head.embedder) and embedder.needs_ranges:
+            raise UsageError(
+                f"--partition {spec.part} with --embedding-precision int8 needs "
+                "--embedding-ranges: each part would take its own ranges from its first records"
+            )
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
+        report.shards, report.listed = len(shards), listed
         if report.skipped:
             log.info("--resume: %d shard(s) already done", len(report.skipped))
         if (embedder := head.embedder) is not None and embedder.needs_ranges and report.skipped:
@@ -131,7 +145,8 @@ async def _main(spec: RunSpec, started: float) -> Report:
         todo = [s for s in todo if s.rel not in problems]
         unfinished = "not finished: the run stopped"
         try:
-            await _run(spec, artifact, placements, storage, todo, report, options, head)
+            if todo:  # (an empty part, a resumed run with all done: no replicas to start)
+                await _run(spec, artifact, placements, storage, todo, report, options, head)
         except asyncio.CancelledError:
             if task := asyncio.current_task():
                 task.uncancel()  # handled here: the manifest still gets written
@@ -148,7 +163,11 @@ async def _main(spec: RunSpec, started: float) -> Report:
             report.account(shards, unfinished)
             manifest = _manifest(spec, artifact, report, options)
             manifest["output_format"] = output_metadata(artifact, head, keep, options)
-            await storage.write_manifest(spec.output, manifest)
+            if (part := spec.part) is not None:  # each part its own manifest, beside the others
+                manifest["partition"] = part.describe(report.shards, report.listed)
+                await storage.write_manifest(spec.output, manifest, part.manifest_name)
+            else:
+                await storage.write_manifest(spec.output, manifest)
     return report
 
 
