@@ -126,7 +126,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         head = make_head(artifact, spec.output_format, calibrate=True)
         chunked = options.long_documents == "chunk"
         check_keep_columns(keep, task_names(head), "--keep-columns", chunked)
-        if spec.part is not None and (embedder := head.embedder) and embedder.needs_ranges:
+        if spec.part is not None and head.embedder is not None and head.embedder.needs_ranges:
             raise UsageError(
                 f"--partition {spec.part} with --embedding-precision int8 needs "
                 "--embedding-ranges: each part would take its own ranges from its first records"
