@@ -28,12 +28,15 @@ from batchjob.embeddings import Embedder
 from batchjob.engine import Engine, EngineStats
 from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
+from batchjob.job_records import new_id
 from batchjob.long_documents import TextOptions
 from batchjob.output_format import classifier_view, make_embedder, output_metadata
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
+from batchjob.prices import cost, hourly_price
 from batchjob.progress import Progress
 from batchjob.prompts import spec_text_options
+from batchjob.record_store import publish_run
 from batchjob.records import Fields, read_records
 from batchjob.replica_process import Placement
 from batchjob.s3 import is_s3
@@ -60,6 +63,7 @@ class Report:
     engine: EngineStats = field(default_factory=EngineStats)  # batches, real/compiled tokens
     replica_restarts: int = 0
     seconds: float = 0.0  # the whole run
+    cost: str = ""  # with --price-per-hour or --instance-type: what it came to
     pipeline_seconds: float = 0.0  # from replicas ready to the last shard committed
 
     def fail(self, rel: str, reason: str) -> None:
@@ -89,7 +93,8 @@ def run(spec: RunSpec) -> int:
     print(
         f"batchjob run: {counts.documents} documents{windows}, {counts.errors} errors, "
         f"{len(report.done)} shards done, {len(report.failed)} failed, "
-        f"{len(report.skipped)} skipped, {report.seconds:.1f}s, {rate:.1f} documents/s",
+        f"{len(report.skipped)} skipped, {report.seconds:.1f}s, {rate:.1f} documents/s"
+        + (f"; {report.cost}" if report.cost else ""),
         flush=True,
     )
     return 1 if report.failed else 0
@@ -149,7 +154,8 @@ async def _main(spec: RunSpec, started: float) -> Report:
             report.account(shards, unfinished)
             manifest = _manifest(spec, artifact, report, options)
             manifest["output_format"] = output_metadata(artifact, embedder, keep, options)
-            await storage.write_manifest(spec.output, manifest)
+            # One record per run (never overwritten), and _manifest.json their summary.
+            await publish_run(storage, spec.output, _run_record(spec, report, manifest))
     return report
 
 
@@ -278,6 +284,22 @@ class _Job:
         self.report.counts.add(counts)
         self.progress.add(shards=1)
         log.debug("shard done: %s (%d rows)", ref.rel, counts.documents)
+
+
+def _run_record(spec: RunSpec, report: Report, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as this run's record: its id and wall-clock times, and with a price, its
+    cost (the machine's time for the whole run)."""
+    finished = time.time()
+    started = finished - report.seconds
+    record = {"run_id": new_id(started), "started": started, "finished": finished, **manifest}
+    price = hourly_price(spec.price_per_hour, spec.instance_type)
+    if price is not None:
+        counts = report.counts
+        spent = cost(price, report.seconds, counts.documents, report.engine.real_tokens)
+        record["cost"] = {"usd_per_hour": price, "instance_type": spec.instance_type}
+        record["cost"] |= spent.describe()
+        report.cost = spent.line()
+    return record
 
 
 def _manifest(
