@@ -88,14 +88,14 @@ def summarize_runs(records: list[dict[str, Any]]) -> dict[str, Any]:
     outcome: dict[str, tuple[str, dict[str, str] | None]] = {}
     for run in runs:
         shards = run.get("shards", {})
+        for rel in shards.get("done", ()):
+            outcome[rel] = ("done", None)
         for rel in shards.get("skipped", ()):
             if outcome.get(rel, ("",))[0] != "done":
                 outcome[rel] = ("skipped", None)
         for failure in shards.get("failed", ()):
             if outcome.get(failure["shard"], ("",))[0] != "done":
                 outcome[failure["shard"]] = ("failed", failure)
-        for rel in shards.get("done", ()):
-            outcome[rel] = ("done", None)
     summary["shards"] = {
         "done": [rel for rel, (kind, _) in outcome.items() if kind == "done"],
         "skipped": [rel for rel, (kind, _) in outcome.items() if kind == "skipped"],
