@@ -10,8 +10,9 @@ Every record is a JSON object under `<output>/_batchjob/`, at a key no other wri
     _batchjob/jobs/<job-id>/messages/<id>.json            one per delivery of a job message
                                                           that ended: shards written, failed
 
-`_manifest.json` is no record: it is the summary of the run records (`summarize_runs`), a
-function of them alone, rewritten after each run until it holds every run listed.
+`_manifest.json` is no record: it is the summary of the run records (`summarize_runs`): the
+latest run's record and the list of every run, a function of the records alone, rewritten
+after each run until it lists every run.
 """
 
 from __future__ import annotations
@@ -80,39 +81,12 @@ def _by_time(records: Iterable[dict[str, Any]], at: str) -> list[dict[str, Any]]
 
 
 def summarize_runs(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The summary of every run on one output, whoever computes it: the latest run's fields
-    (model, options, output format), every shard once by its latest outcome (done by any
-    run stays done), counts and times summed, and the list of runs. One run: its record."""
+    """`_manifest.json`: what the latest run to finish did (its record, as the manifest always
+    said: its shards done, skipped and failed, its counts and times), and the list of every
+    run's record. A function of the records alone: whichever run writes it, the same. The
+    shards of every run together are `batchjob status`'s."""
     runs = _by_time(records, "finished")
     summary = dict(runs[-1])
-    outcome: dict[str, tuple[str, dict[str, str] | None]] = {}
-    for run in runs:
-        shards = run.get("shards", {})
-        for rel in shards.get("done", ()):
-            outcome[rel] = ("done", None)
-        for rel in shards.get("skipped", ()):
-            if outcome.get(rel, ("",))[0] != "done":
-                outcome[rel] = ("skipped", None)
-        for failure in shards.get("failed", ()):
-            if outcome.get(failure["shard"], ("",))[0] != "done":
-                outcome[failure["shard"]] = ("failed", failure)
-    summary["shards"] = {
-        "done": [rel for rel, (kind, _) in outcome.items() if kind == "done"],
-        "skipped": [rel for rel, (kind, _) in outcome.items() if kind == "skipped"],
-        "failed": [f for kind, f in outcome.values() if kind == "failed" and f is not None],
-    }
-    counts: dict[str, Any] = {}
-    for run in runs:
-        for name, value in run.get("counts", {}).items():
-            counts[name] = counts.get(name, 0) + value
-    summary["counts"] = counts
-    seconds = sum(float(r.get("timings", {}).get("seconds", 0)) for r in runs)
-    pipeline = sum(float(r.get("timings", {}).get("pipeline_seconds", 0)) for r in runs)
-    summary["timings"] = {
-        "seconds": round(seconds, 3),
-        "pipeline_seconds": round(pipeline, 3),
-        "documents_per_second": round(counts.get("documents", 0) / max(seconds, 1e-9), 2),
-    }
     summary["runs"] = [
         {
             "run_id": r.get("run_id"),

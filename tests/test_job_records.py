@@ -13,7 +13,7 @@ import pytest
 from batchjob.job_records import job_status, run_key, summarize_runs
 from batchjob.record_store import publish_run, read_records, record_keys
 from batchjob.storage import Storage
-from tests.conftest import make_texts, run_job, write_jsonl
+from tests.conftest import invoke, make_texts, run_job, write_jsonl
 
 
 def run_record(run_id: str, finished: float, **shards: list[Any]) -> dict[str, Any]:
@@ -45,27 +45,16 @@ def test_the_summary_of_one_run_is_its_record() -> None:
     ]
 
 
-def test_the_summary_of_several_runs_keeps_every_shard_by_its_latest_outcome() -> None:
-    failed = {"shard": "c.jsonl", "error": "boom"}
-    first = run_record(
-        "r1", 100, done=["a.jsonl"], failed=[failed, {"shard": "b.jsonl", "error": "x"}]
-    )
+def test_the_summary_of_several_runs_is_the_latest_with_every_run_listed() -> None:
+    first = run_record("r1", 100, done=["a.jsonl"], failed=[{"shard": "b.jsonl", "error": "x"}])
     second = run_record("r2", 200, done=["b.jsonl"], skipped=["a.jsonl"])
     for order in ([first, second], [second, first]):  # whoever lists them in whatever order
         summary = summarize_runs(order)
-        assert summary["model"] == "model-of-r2"  # the latest run's fields
-        assert summary["shards"] == {
-            "done": ["a.jsonl", "b.jsonl"],
-            "skipped": [],
-            "failed": [failed],
-        }
-        assert summary["counts"] == {"documents": 20, "errors": 2}
-        assert summary["timings"] == {
-            "seconds": 20.0,
-            "pipeline_seconds": 16.0,
-            "documents_per_second": 1.0,
-        }
-        assert [r["run_id"] for r in summary["runs"]] == ["r1", "r2"]
+        assert {k: v for k, v in summary.items() if k != "runs"} == second
+        assert [(r["run_id"], r["shards_done"], r["shards_failed"]) for r in summary["runs"]] == [
+            ("r1", 1, 1),
+            ("r2", 1, 0),
+        ]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -90,13 +79,14 @@ def test_runs_finishing_together_keep_every_record_and_the_summary_lists_them_al
     keys, manifest = asyncio.run(main())
     assert keys == sorted(run_key(f"r{i}") for i in range(5))
     assert [r["run_id"] for r in manifest["runs"]] == [f"r{i}" for i in range(5)]
-    assert manifest["shards"]["done"] == [f"s{i}.jsonl" for i in range(5)]
+    assert manifest["shards"]["done"] == ["s4.jsonl"]  # the latest run's
 
 
 def test_two_runs_on_one_output_keep_both_records_and_the_cost(
     artifact: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     inp, out = tmp_path / "in", tmp_path / "out"
+    out_dir = str(out)
     write_jsonl(inp / "a.jsonl", [{"id": f"a{i}", "text": t} for i, t in enumerate(make_texts(9))])
     assert run_job(artifact, inp, out, price_per_hour=0.5) == 0
     first = capsys.readouterr().out
@@ -106,6 +96,7 @@ def test_two_runs_on_one_output_keep_both_records_and_the_cost(
         inp / "b.jsonl", [{"id": f"b{i}", "text": t} for i, t in enumerate(make_texts(4, 1))]
     )
     assert run_job(artifact, inp, out, resume=True, instance_type="inf2.xlarge") == 0
+    assert "; cost $" in capsys.readouterr().out
     runs = sorted((out / "_batchjob" / "runs").iterdir())
     assert len(runs) == 2
     records = [json.loads(p.read_text()) for p in runs]
@@ -115,8 +106,14 @@ def test_two_runs_on_one_output_keep_both_records_and_the_cost(
     assert records[0]["cost"]["usd_per_million_tokens"] > 0
     manifest = json.loads((out / "_manifest.json").read_text())
     assert [r["run_id"] for r in manifest["runs"]] == [r["run_id"] for r in records]
-    assert manifest["shards"] == {"done": ["a.jsonl", "b.jsonl"], "skipped": [], "failed": []}
-    assert manifest["counts"]["documents"] == 13
+    assert manifest["shards"] == {"done": ["b.jsonl"], "skipped": ["a.jsonl"], "failed": []}
+    assert manifest["counts"]["documents"] == 4
+    # `status` reads a local output's run records as well.
+    code, out, err = invoke(["status", "--output", str(out), "--price-per-hour", "1"], capsys)
+    assert code == 0, err
+    assert out.startswith(
+        f"{out_dir}: complete: 2/2 shards done, 0 remaining, 0 failed\n13 documents"
+    )
 
 
 def test_status_of_runs_and_a_job_with_eta_and_cost() -> None:
