@@ -233,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=S, help="s3:// prefix for the outputs (and records)")
     p.add_argument("--shards-per-message", type=_integer, default=S, help="1..100 (1)")
     p.add_argument("--job-id", default=S, help="default: derived from the input and output")
-    p.add_argument("--format", default=S, help="auto (by extension), jsonl, csv, parquet, txt")
     _add_bucket_owner_option(p)
 
     p = commands.add_parser("status", help="a job's progress: exit 0 done, 3 not yet, 1 failed")

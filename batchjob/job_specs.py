@@ -30,7 +30,6 @@ class SubmitSpec:
     input_manifest: str | None = None
     shards_per_message: int = 1  # one: the finest spread over workers, a failure per shard
     job_id: str = ""  # "": derived from the input (or manifest) and the output
-    format: str = "auto"
     expected_bucket_owner: str | None = None
 
     def __post_init__(self) -> None:
@@ -51,10 +50,6 @@ class SubmitSpec:
             1 <= self.shards_per_message <= MAX_SHARDS_PER_MESSAGE,
             f"--shards-per-message must be 1..{MAX_SHARDS_PER_MESSAGE}, "
             f"got {self.shards_per_message}",
-        )
-        require(
-            self.format in ("auto", "jsonl", "csv", "parquet", "txt"),
-            f"--format must be auto (by extension) for submit, got {self.format!r}",
         )
         check_account_id(self.expected_bucket_owner)
         if self.job_id:
@@ -92,7 +87,7 @@ def _fields(fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def submit_spec(fields: dict[str, Any]) -> SubmitSpec:
-    names = ("input", "input_manifest", "shards_per_message", "job_id", "format")
+    names = ("input", "input_manifest", "shards_per_message", "job_id")
     return SubmitSpec(
         queue=fields.get("queue", ""),
         output=fields.get("output", ""),

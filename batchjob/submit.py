@@ -24,7 +24,7 @@ from batchjob.job_records import new_id, submission_key
 from batchjob.job_specs import SubmitSpec
 from batchjob.paths import output_problems, overlap
 from batchjob.record_store import put_record
-from batchjob.s3 import S3Error, S3Url, is_s3
+from batchjob.s3 import S3Error, is_s3
 from batchjob.shards import ShardRef
 from batchjob.sqs import SqsQueue
 from batchjob.storage import Storage
@@ -63,7 +63,7 @@ def input_root(shards: list[ShardRef]) -> str:
             )
         roots.add(ref.path[: len(ref.path) - len(ref.rel)])
     root = roots.pop() if len(roots) == 1 else ""
-    if not root.endswith("/") or not S3Url.parse(root).bucket:
+    if not root.endswith("/") or not root[len("s3://") :].split("/")[0]:
         raise UsageError(
             "--input-manifest: the shards of one job must lie in one bucket (they are named "
             "by their path below a common prefix, as `batchjob run` names them)"
@@ -100,9 +100,9 @@ async def _submit(spec: SubmitSpec) -> Submitted:
     storage = Storage(connections=16, expected_bucket_owner=spec.expected_bucket_owner)
     async with storage, SqsQueue(spec.queue) as queue:
         if spec.input_manifest:
-            shards = await storage.read_shard_list(spec.input_manifest, spec.format)
-        else:
-            shards = await storage.list_shards(spec.input, spec.format, exclude=spec.output)
+            shards = await storage.read_shard_list(spec.input_manifest)
+        else:  # formats by extension only: that is how workers tell them
+            shards = await storage.list_shards(spec.input, exclude=spec.output)
         root = input_root(shards)
         if why := overlap(spec.output, spec.input or None, shards):
             raise UsageError(f"{why}: its results would overwrite or shadow the input")

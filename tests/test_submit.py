@@ -13,7 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchjob.errors import UsageError
 from batchjob.job_records import message_key, submission_key
+from batchjob.job_specs import SubmitSpec
+from batchjob.shards import shard
+from batchjob.submit import input_root, message_bodies
 from tests.conftest import assert_usage_error, invoke, make_texts, run_job
 from tests.s3_server import Bucket
 from tests.sqs_queues import Queue, Queues, run_worker, worker_process
@@ -277,3 +281,28 @@ def test_bad_submissions_are_one_line_exit_2_and_send_nothing(
         assert_usage_error(code, out, err, needles)
     assert queue.depth() == 0
     assert bucket.keys("out/", internal=True) == []
+
+
+def test_messages_fit_the_queue_and_shards_share_one_root() -> None:
+    spec = SubmitSpec(queue="q", output="s3://o/out/", input="s3://b/in/", shards_per_message=3)
+    refs = [shard(f"s3://b/in/{i}.jsonl", f"{i}.jsonl", "auto") for i in range(7)]
+    bodies = message_bodies(spec, input_root(refs), refs, 262_144)
+    assert [len(json.loads(b)["shards"]) for b in bodies] == [3, 3, 1]
+    assert json.loads(bodies[2]) == {
+        "job_id": spec.job_id,
+        "input": "s3://b/in/",
+        "shards": ["s3://b/in/6.jsonl"],
+        "output": "s3://o/out/",
+    }
+    with pytest.raises(UsageError, match=r"more than the queue's MaximumMessageSize \(100\)"):
+        message_bodies(spec, "s3://b/in/", refs, 100)
+    # An --input-manifest of two buckets: no one prefix names both as `run` would.
+    two = [
+        shard("s3://b/x/a.jsonl", "b/x/a.jsonl", "auto"),
+        shard("s3://c/y.jsonl", "c/y.jsonl", "auto"),
+    ]
+    with pytest.raises(UsageError, match="the shards of one job must lie in one bucket"):
+        input_root(two)
+    # The same input and output: the same job id, however often submitted.
+    assert SubmitSpec(queue="other", output="s3://o/out/", input="s3://b/in/").job_id == spec.job_id
+    assert SubmitSpec(queue="q", output="s3://o/out2/", input="s3://b/in/").job_id != spec.job_id
