@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", default=S, help="auto, bar, log, none")
     _add_output_options(p)
     _add_bucket_owner_option(p)
+    _add_price_options(p)
 
     p = commands.add_parser("serve", help="the SageMaker Batch Transform container (HTTP)")
     _add_model_options(p)  # --model defaults to /opt/ml/model; see serve_config.py for env
@@ -236,7 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record_options(p)
     _add_text_options(p)
     _add_output_options(p)
+
+    p = commands.add_parser("submit", help="send a job's shards to an SQS queue for workers")
+    p.add_argument("--input", default=S, help="s3://bucket/prefix/ (or one object)")
+    p.add_argument("--input-manifest", default=S, help="instead of --input: a list of shards")
+    p.add_argument("--queue", default=S, help="SQS queue URL (or name) the workers consume")
+    p.add_argument("--output", default=S, help="s3:// prefix for the outputs (and records)")
+    p.add_argument("--shards-per-message", type=_integer, default=S, help="1..100 (1)")
+    p.add_argument("--job-id", default=S, help="default: derived from the input and output")
+    _add_bucket_owner_option(p)
+
+    p = commands.add_parser("status", help="a job's progress: exit 0 done, 3 not yet, 1 failed")
+    p.add_argument("--output", default=S, help="the job's output (s3:// prefix or directory)")
+    p.add_argument("--job-id", default=S, help="one job (default: every job and run there)")
+    _add_price_options(p)
+    _add_bucket_owner_option(p)
     return parser
+
+
+def _add_price_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument(
+        "--price-per-hour", type=float, default=S, help="USD per machine-hour: cost figures"
+    )
+    p.add_argument(
+        "--instance-type", default=S, help="instead: its On-Demand price (e.g. inf2.xlarge)"
+    )
 
 
 def _add_bucket_owner_option(p: argparse.ArgumentParser) -> None:
@@ -296,6 +322,16 @@ def _main(args: argparse.Namespace) -> int:
 
             mark("imports done")
             return work(worker_spec(fields))
+        if args.command == "submit":
+            from batchjob.job_specs import submit_spec
+            from batchjob.submit import submit
+
+            return submit(submit_spec(fields))
+        if args.command == "status":
+            from batchjob.job_specs import status_spec
+            from batchjob.status import status
+
+            return status(status_spec(fields))
         if args.command == "serve":
             import os
 

@@ -21,6 +21,7 @@ from batchjob.batching import Shape
 from batchjob.errors import UsageError
 from batchjob.output_format import OUTPUT_FIELDS, OutputFormat, output_format
 from batchjob.partitions import Partition, parse_partition, resolve_partition
+from batchjob.prices import hourly_price
 
 log = logging.getLogger("batchjob.config")
 
@@ -185,6 +186,8 @@ class RunSpec:
     input_manifest: str | None = None  # instead of --input: a list of shards (local or s3://)
     max_shards_in_flight: int = 8  # shards open at once: S3 objects download ahead
     expected_bucket_owner: str | None = None  # sent with every S3 call (ExpectedBucketOwner)
+    price_per_hour: float | None = None  # USD per machine-hour: the summary's cost figures
+    instance_type: str | None = None  # instead: its On-Demand price (prices.py)
     # --keep-columns, --embedding-*
     output_format: OutputFormat = field(default_factory=OutputFormat)
     # "I/N": run part I of N of the shards (partitions.py); run_spec resolves --partitions N
@@ -198,6 +201,7 @@ class RunSpec:
     def __post_init__(self) -> None:
         check_account_id(self.expected_bucket_owner)
         _ = self.part  # a malformed --partition is refused here
+        hourly_price(self.price_per_hour, self.instance_type)  # and a bad price
         require(
             bool(self.input) or bool(self.input_manifest),
             "--input is required (or --input-manifest)",

@@ -12,25 +12,41 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import posixpath
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from batchjob.config import WorkerSpec
 from batchjob.engine import Engine
 from batchjob.errors import BatchJobError, UsageError
+from batchjob.job_records import message_key, new_id
 from batchjob.long_documents import TextOptions
-from batchjob.messages import InlineWork, JobWork, MessageError, ObjectWork, TextRequest, Work
+from batchjob.messages import (
+    InlineWork,
+    JobWork,
+    MessageError,
+    ObjectWork,
+    ShardsWork,
+    TextRequest,
+    Work,
+)
 from batchjob.paths import allowed, is_under, output_problems, overlap
 from batchjob.pipeline import Counts, chunked, write_shard
 from batchjob.prompts import resolve_text_options
+from batchjob.record_store import put_record
 from batchjob.records import Fields, detect_format, is_gzip, read_records, records_from_objects
 from batchjob.s3 import S3Url
-from batchjob.shards import ShardRef
+from batchjob.shards import ShardRef, shard
 from batchjob.sinks import SchemaSource, check_keep_columns, output_schema_source
 from batchjob.storage import Storage
 
+log = logging.getLogger("batchjob.worker")
+
 CHUNK_RECORDS = 256  # records per Engine.infer call: small, for a message's latency
-SHARDS_IN_FLIGHT = 4  # per job message naming a prefix
+SHARDS_IN_FLIGHT = 4  # per job message naming a prefix, or shards
 
 
 def message_line(what: str, counts: Counts) -> str:
@@ -41,6 +57,24 @@ def message_line(what: str, counts: Counts) -> str:
         f"{what}: {counts.outputs} output(s) written{existing}, {counts.documents} "
         f"documents{split}, {counts.errors} error rows"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Which delivery of which message a work is, by which worker: what the record of a
+    submitted job's message says (job_records.py), for `batchjob status`."""
+
+    message_id: str
+    receive_count: int
+    max_receive_count: int | None  # the redrive policy's; None: retried for ever
+    worker: str
+    totals: Callable[[], dict[str, Any]]  # the worker's busy seconds, documents, tokens so far
+
+    @property
+    def last(self) -> bool:
+        """The last delivery before the dead-letter queue: a failure now is for good."""
+        limit = self.max_receive_count
+        return limit is not None and self.receive_count >= limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +121,13 @@ class Executor:
         fields = dataclasses.replace(self.fields, keep=keep)
         return _Plan(fields, options, output_schema_source(self.engine, keep, options))
 
-    async def do(self, works: list[Work]) -> Counts:
+    async def do(self, works: list[Work], delivery: Delivery | None = None) -> Counts:
         counts = Counts()
         for work in works:
-            if isinstance(work, InlineWork):
+            if isinstance(work, ShardsWork):
+                plan = self._plan(work.keep_columns, self._options(work.text))
+                counts.add(await self._shards(work, plan, delivery))
+            elif isinstance(work, InlineWork):
                 plan = self._plan(work.keep_columns, self._options(work.text))
                 counts.add(await self._inline(work, plan))
             elif isinstance(work, ObjectWork):
@@ -126,6 +163,8 @@ class Executor:
             return f"{len(work.documents)} inline documents → inline/{work.id}.parquet"
         if isinstance(work, ObjectWork):
             return f"{work.url} → {self.spec.output}"
+        if isinstance(work, ShardsWork):
+            return f"job {work.job_id}: {len(work.shards)} shard(s) of {work.input} → {work.output}"
         return f"{work.input} → {work.output or self.spec.output}"
 
     def own_output(self, url: S3Url) -> bool:
@@ -148,14 +187,17 @@ class Executor:
             raise MessageError(f"{why}: refused")
         return await self._shard(ref, output, plan)
 
-    async def _job(self, work: JobWork, plan: _Plan) -> Counts:
-        self._check_input(S3Url.parse(work.input), "job input")
-        output = work.output or self.spec.output
+    def _check_output(self, output: str, input_root: str) -> None:
         out = S3Url.parse(output)
         if not is_under(S3Url(out.bucket, out.prefix), self.output):
             raise MessageError(f"job output {output} is not under --output {self.spec.output}")
-        if why := overlap(output, work.input, []):
+        if why := overlap(output, input_root, []):
             raise MessageError(f"{why}: refused")
+
+    async def _job(self, work: JobWork, plan: _Plan) -> Counts:
+        self._check_input(S3Url.parse(work.input), "job input")
+        output = work.output or self.spec.output
+        self._check_output(output, work.input)
         shards = await self.storage.list_shards(work.input, exclude=output, label="job input")
         if len(shards) == 1 and shards[0].path == work.input:  # an object, not a prefix
             return await self._object(S3Url.parse(work.input), output, plan)
@@ -185,6 +227,87 @@ class Executor:
                 + "; ".join(failed[:3])
             )
         return counts
+
+    async def _shards(self, work: ShardsWork, plan: _Plan, delivery: Delivery | None) -> Counts:
+        """A submitted job's shards, each checked against --allow-input, each output written
+        once; then the delivery's record under the output (when it may be written there)."""
+        self._check_output(work.output, work.input)  # else no record: not our output
+        started, failed = time.time(), {}
+        refs: list[ShardRef] = []
+        try:
+            for uri, _ in work.shards:
+                self._check_input(S3Url.parse(uri), "shard")
+            for uri, rel in work.shards:
+                try:
+                    refs.append(shard(uri, rel, "auto"))
+                except UsageError as e:
+                    failed[rel] = str(e)
+            if why := overlap(work.output, work.input, refs):
+                raise MessageError(f"{why}: refused")
+        except MessageError as e:
+            # Refused before any work: every shard fails with the reason.
+            await self._record(work, delivery, started, {}, {rel: str(e) for _, rel in work.shards})
+            raise
+        failed |= output_problems(work.output, refs)
+        counts, written = Counts(), {}
+        limit = asyncio.Semaphore(SHARDS_IN_FLIGHT)
+
+        async def one(ref: ShardRef) -> None:
+            async with limit:
+                try:
+                    done = await self._shard(ref, work.output, plan)
+                except (BatchJobError, OSError) as e:
+                    failed[ref.rel] = str(e) if isinstance(e, BatchJobError) else repr(e)
+                    return
+            counts.add(done)
+            written[ref.rel] = {
+                "written": bool(done.outputs),
+                "documents": done.documents,
+                "errors": done.errors,
+            }
+
+        await asyncio.gather(*(one(ref) for ref in refs if ref.rel not in failed))
+        await self._record(work, delivery, started, written, failed)
+        if failed:
+            raise BatchJobError(
+                f"{len(failed)} of {len(work.shards)} shards failed ({counts.outputs} written): "
+                + "; ".join(f"{rel}: {why}" for rel, why in list(failed.items())[:3])
+            )
+        return counts
+
+    async def _record(
+        self,
+        work: ShardsWork,
+        delivery: Delivery | None,
+        started: float,
+        written: dict[str, dict[str, Any]],
+        failed: dict[str, str],
+    ) -> None:
+        """This delivery's record: `status` counts the shards it wrote, and the failures of
+        the last delivery before the dead-letter queue as failures for good."""
+        if delivery is None:
+            return
+        record = {
+            "kind": "message",
+            "job_id": work.job_id,
+            "message_id": delivery.message_id,
+            "receive_count": delivery.receive_count,
+            "max_receive_count": delivery.max_receive_count,
+            "final": bool(failed) and delivery.last,
+            "worker": delivery.worker,
+            "started": started,
+            "finished": time.time(),
+            "shards": written,
+            "failed": failed,
+            "worker_totals": delivery.totals(),
+        }
+        key = message_key(work.job_id, new_id())
+        try:
+            await put_record(self.storage, work.output, key, record)
+        except (BatchJobError, OSError) as e:
+            if not failed:
+                raise  # the message fails, and its next delivery (outputs done) records it
+            log.error("message %s: its record %s: %s", delivery.message_id, key, e)
 
     async def _inline(self, work: InlineWork, plan: _Plan) -> Counts:
         rel = f"inline/{work.id}.parquet"

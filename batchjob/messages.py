@@ -7,15 +7,20 @@ Three kinds of body, told apart by their fields:
   Keys arrive URL-encoded with `+` for a space (`unquote_plus`). The `s3:TestEvent` S3 sends
   when notifications are configured, and events other than ObjectCreated, ask for nothing;
 - a job: `{"input": "s3://b/key-or-prefix", "output": "s3://b/prefix/"}` (output optional);
-- inline documents: `{"id": "...", "documents": [{"id": ..., "text": ...}, ...]}`.
+- inline documents: `{"id": "...", "documents": [{"id": ..., "text": ...}, ...]}`;
+- a submitted job's shards (`batchjob submit`): `{"job_id": "...", "input": "s3://b/p/",
+  "shards": ["s3://b/p/a.jsonl", ...], "output": "s3://o/"}`: each shard lies under `input`
+  and is named by its path below it, as `batchjob run --input s3://b/p/` names it, so both
+  write the same output keys. At most MAX_SHARDS_PER_MESSAGE shards.
 
-A job or inline message may also set how its texts are run, instead of the worker's flags:
+A job, shards or inline message may also set how its texts are run, instead of the worker's flags:
 `"long_documents"` (truncate, chunk, mean), `"chunk_overlap"` (tokens), and `"prompt"` or
 `"prompt_name"` (either replaces the worker's prompt). Their types are checked here; their
 values against the model, by the executor.
 
-Job and inline messages may also carry `"keep_columns": ["url", "lang"]` (or `"url,lang"`): the
-input columns copied into their outputs, instead of the worker's --keep-columns.
+Job, shards and inline messages may also carry `"keep_columns": ["url", "lang"]` (or
+`"url,lang"`): the input columns copied into their outputs, instead of the worker's
+--keep-columns.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from urllib.parse import unquote_plus
 
 from batchjob.config import LONG_DOCUMENTS
 from batchjob.errors import InputError, UsageError
+from batchjob.job_specs import MAX_SHARDS_PER_MESSAGE
 from batchjob.output_format import parse_keep_columns
 from batchjob.s3 import SCHEME, S3Url, is_s3
 
@@ -78,7 +84,20 @@ class InlineWork:
     keep_columns: tuple[str, ...] | None = None
 
 
-Work = ObjectWork | JobWork | InlineWork
+@dataclass(frozen=True, slots=True)
+class ShardsWork:
+    """Shards a submitted job sends by name: `shards` are (URI, path below `input`) pairs."""
+
+    job_id: str
+    input: str
+    shards: tuple[tuple[str, str], ...]
+    output: str
+    _: KW_ONLY
+    text: TextRequest = TextRequest()
+    keep_columns: tuple[str, ...] | None = None
+
+
+Work = ObjectWork | JobWork | InlineWork | ShardsWork
 
 
 def parse_message(body: str, message_id: str) -> list[Work]:
@@ -97,12 +116,14 @@ def parse_message(body: str, message_id: str) -> list[Work]:
         return _s3_event(value["Records"])
     if "documents" in value:
         return [_inline(value, message_id)]
+    if "shards" in value:
+        return [_shards(value)]
     if "input" in value:
         return [_job(value)]
     fields = ", ".join(sorted(map(str, value))[:8]) or "none"
     raise MessageError(
-        "message body: not an S3 event (Records), a job (input) nor inline documents "
-        f"(documents); its fields: {fields}"
+        "message body: not an S3 event (Records), a job (input), inline documents "
+        f"(documents) nor a job's shards (shards); its fields: {fields}"
     )
 
 
@@ -144,9 +165,9 @@ def _field(section: dict[str, Any], name: str, inner: str) -> Any:
     return value.get(inner) if isinstance(value, dict) else None
 
 
-def _s3_uri(value: Any, field: str) -> str:
+def _s3_uri(value: Any, field: str, where: str = "job message") -> str:
     if not (isinstance(value, str) and is_s3(value) and value[len(SCHEME) :].split("/")[0]):
-        raise MessageError(f"job message: {field} must be an s3:// URI, got {value!r}")
+        raise MessageError(f"{where}: {field} must be an s3:// URI, got {value!r}")
     return value
 
 
@@ -166,6 +187,44 @@ def _job(value: dict[str, Any]) -> JobWork:
         None if output is None else _s3_uri(output, "output"),
         text=_text_request(value, "job message"),
         keep_columns=_keep_columns(value, "job message"),
+    )
+
+
+def _shards(value: dict[str, Any]) -> ShardsWork:
+    where = "shards message"
+    job_id = value.get("job_id")
+    if not isinstance(job_id, str) or not _INLINE_ID.fullmatch(job_id):
+        raise MessageError(
+            f"{where}: job_id {job_id!r} must be letters, digits and ._=- (it names a directory)"
+        )
+    root = _s3_uri(value.get("input"), "input", where)
+    if not root.endswith("/"):
+        raise MessageError(f"{where}: input must be a prefix ending in /, got {root!r}")
+    output = _s3_uri(value.get("output"), "output", where)
+    shards = value["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise MessageError(f"{where}: shards must be a non-empty list of s3:// URIs")
+    if len(shards) > MAX_SHARDS_PER_MESSAGE:
+        raise MessageError(
+            f"{where}: {len(shards)} shards, more than the {MAX_SHARDS_PER_MESSAGE} a message "
+            "may name"
+        )
+    pairs = []
+    for n, uri in enumerate(shards):
+        _s3_uri(uri, f"shards[{n}]", where)
+        rel = uri[len(root) :]
+        if not uri.startswith(root) or not rel or rel.endswith("/"):
+            raise MessageError(f"{where}: shards[{n}] {uri} is not an object under input {root}")
+        pairs.append((uri, rel))
+    if len({uri for uri, _ in pairs}) < len(pairs):
+        raise MessageError(f"{where}: a shard is named twice")
+    return ShardsWork(
+        job_id,
+        root,
+        tuple(pairs),
+        output,
+        text=_text_request(value, where),
+        keep_columns=_keep_columns(value, where),
     )
 
 

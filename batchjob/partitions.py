@@ -64,13 +64,6 @@ class Partition:
         """This part's shards, in the listing's order."""
         return [s for s in shards if self.holds(s)]
 
-    @property
-    def manifest_name(self) -> str:
-        """The part's own manifest, so that parts writing one output don't overwrite each
-        other's: `_manifest.part-02-of-12.json` (zero-padded: they sort by index)."""
-        width = len(str(self.count))
-        return f"_manifest.part-{self.index:0{width}d}-of-{self.count}.json"
-
     def describe(self, part: int, listed: int) -> dict[str, object]:
         return {
             "index": self.index,

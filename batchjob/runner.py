@@ -27,12 +27,15 @@ from batchjob.config import RunSpec
 from batchjob.engine import Engine, EngineStats
 from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
+from batchjob.job_records import new_id
 from batchjob.long_documents import TextOptions
 from batchjob.output_format import make_head, output_metadata
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
+from batchjob.prices import cost, hourly_price
 from batchjob.progress import Progress
 from batchjob.prompts import spec_text_options
+from batchjob.record_store import publish_run
 from batchjob.records import Fields, read_records
 from batchjob.replica_process import Placement
 from batchjob.s3 import is_s3
@@ -62,6 +65,7 @@ class Report:
     seconds: float = 0.0  # the whole run
     shards: int = 0  # this run's (its part's) shards
     listed: int = 0  # shards in the input; with --partition, this part has fewer
+    cost: str = ""  # with --price-per-hour or --instance-type: what it came to
     pipeline_seconds: float = 0.0  # from replicas ready to the last shard committed
 
     def fail(self, rel: str, reason: str) -> None:
@@ -93,7 +97,8 @@ def run(spec: RunSpec) -> int:
     print(
         f"batchjob run: {of_part}{counts.documents} documents{windows}, {counts.errors} errors, "
         f"{len(report.done)} shards done, {len(report.failed)} failed, "
-        f"{len(report.skipped)} skipped, {report.seconds:.1f}s, {rate:.1f} documents/s",
+        f"{len(report.skipped)} skipped, {report.seconds:.1f}s, {rate:.1f} documents/s"
+        + (f"; {report.cost}" if report.cost else ""),
         flush=True,
     )
     return 1 if report.failed else 0
@@ -163,11 +168,10 @@ async def _main(spec: RunSpec, started: float) -> Report:
             report.account(shards, unfinished)
             manifest = _manifest(spec, artifact, report, options)
             manifest["output_format"] = output_metadata(artifact, head, keep, options)
-            if (part := spec.part) is not None:  # each part its own manifest, beside the others
+            if (part := spec.part) is not None:
                 manifest["partition"] = part.describe(report.shards, report.listed)
-                await storage.write_manifest(spec.output, manifest, part.manifest_name)
-            else:
-                await storage.write_manifest(spec.output, manifest)
+            # One record per run or part (never overwritten), and _manifest.json their summary.
+            await publish_run(storage, spec.output, _run_record(spec, report, manifest))
     return report
 
 
@@ -296,6 +300,22 @@ class _Job:
         self.report.counts.add(counts)
         self.progress.add(shards=1)
         log.debug("shard done: %s (%d rows)", ref.rel, counts.documents)
+
+
+def _run_record(spec: RunSpec, report: Report, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as this run's record: its id and wall-clock times, and with a price, its
+    cost (the machine's time for the whole run)."""
+    finished = time.time()
+    started = finished - report.seconds
+    record = {"run_id": new_id(started), "started": started, "finished": finished, **manifest}
+    price = hourly_price(spec.price_per_hour, spec.instance_type)
+    if price is not None:
+        counts = report.counts
+        spent = cost(price, report.seconds, counts.documents, report.engine.real_tokens)
+        record["cost"] = {"usd_per_hour": price, "instance_type": spec.instance_type}
+        record["cost"] |= spent.describe()
+        report.cost = spent.line()
+    return record
 
 
 def _manifest(

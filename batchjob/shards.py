@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from batchjob.errors import UsageError
 from batchjob.records import detect_format, is_gzip
 from batchjob.s3 import is_s3
-from batchjob.sinks import is_run_manifest, output_rel
+from batchjob.sinks import MANIFEST, output_rel
 
 log = logging.getLogger("batchjob.shards")
 
@@ -72,8 +72,8 @@ def list_shards(root: str, fmt: str = "auto", exclude: str | None = None) -> lis
         raise UsageError(f"--input {root}: no such file or directory")
     shards, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath != root and (marks := [n for n in filenames if is_run_manifest(n)]):
-            log.warning("skipping %s: an earlier run's output (it holds %s)", dirpath, marks[0])
+        if dirpath != root and MANIFEST in filenames:
+            log.warning("skipping %s: an earlier run's output (it holds %s)", dirpath, MANIFEST)
             dirnames[:] = []
             continue
         dirnames[:] = sorted(

@@ -30,8 +30,6 @@ from batchjob.s3 import S3, S3Url
 from batchjob.tasks import Fields, Head
 
 MANIFEST = "_manifest.json"
-# A partitioned run's part writes its own (partitions.Partition.manifest_name).
-_PART_MANIFEST = re.compile(r"_manifest\.part-[0-9]+-of-[0-9]+\.json")
 TMP_SUFFIX = ".tmp"
 METADATA_KEY = b"batchjob"  # the Parquet schema metadata: JSON, what a reader needs
 # A schema, or what makes it when a file's first rows are written (metadata known by then).
@@ -305,13 +303,8 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, default=str) + "\n").encode()
 
 
-def is_run_manifest(name: str) -> bool:
-    """What marks a directory as a run's output: `_manifest.json`, or a part's manifest."""
-    return name == MANIFEST or _PART_MANIFEST.fullmatch(name) is not None
-
-
-def write_manifest(output: str, manifest: dict[str, Any], name: str = MANIFEST) -> None:
-    path = os.path.join(output, name)
+def write_manifest(output: str, manifest: dict[str, Any]) -> None:
+    path = os.path.join(output, MANIFEST)
     tmp = path + TMP_SUFFIX
     with open(tmp, "wb") as f:
         f.write(manifest_bytes(manifest))

@@ -65,6 +65,7 @@ class SqsQueue:
         self.connections = connections
         self.visibility_timeout = 30
         self.max_receive_count: int | None = None  # from the redrive policy, when there is one
+        self.maximum_message_size = 262_144  # bytes a body may have: the queue's setting
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._deletes: list[tuple[Message, asyncio.Future[None]]] = []
@@ -87,7 +88,8 @@ class SqsQueue:
                 call = "GetQueueAttributes"
             attributes = (
                 await self._client.get_queue_attributes(
-                    QueueUrl=self.url, AttributeNames=["VisibilityTimeout", "RedrivePolicy"]
+                    QueueUrl=self.url,
+                    AttributeNames=["VisibilityTimeout", "RedrivePolicy", "MaximumMessageSize"],
                 )
             )["Attributes"]
         except (ClientError, BotoCoreError) as e:
@@ -96,6 +98,7 @@ class SqsQueue:
             error = UsageError if isinstance(e, ClientError) else QueueError
             raise error(f"--queue {self.url}: {_error(call, e)}") from None
         self.visibility_timeout = int(attributes.get("VisibilityTimeout", 30))
+        self.maximum_message_size = int(attributes.get("MaximumMessageSize", 262_144))
         if policy := attributes.get("RedrivePolicy"):
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 self.max_receive_count = int(json.loads(policy)["maxReceiveCount"])
@@ -130,6 +133,34 @@ class SqsQueue:
             )
             for m in response.get("Messages", ())
         ]
+
+    async def send(self, bodies: Sequence[str]) -> int:
+        """Send `bodies` in SendMessageBatch calls of up to 10; how many were sent. Entries
+        the service failed (SenderFault false) are tried again; QueueError names what was
+        still not sent (the others were)."""
+        sent = 0
+        for start in range(0, len(bodies), BATCH_LIMIT):
+            todo = {str(i): body for i, body in enumerate(bodies[start : start + BATCH_LIMIT])}
+            for attempt in range(1, DELETE_ATTEMPTS + 1):
+                entries = [{"Id": i, "MessageBody": body} for i, body in todo.items()]
+                try:
+                    response = await self._client.send_message_batch(
+                        QueueUrl=self.url, Entries=entries
+                    )
+                except (ClientError, BotoCoreError) as e:  # botocore retried it already
+                    raise _not_sent(sent, len(bodies), _error("SendMessageBatch", e)) from None
+                sent += len(response.get("Successful", ()))
+                failed = response.get("Failed", ())
+                if not failed:
+                    break
+                first = failed[0]
+                what = f"{first.get('Code')}: {first.get('Message', '')}"
+                if any(f.get("SenderFault") for f in failed) or attempt == DELETE_ATTEMPTS:
+                    error = QueueError(f"SendMessageBatch: {what} (attempt {attempt})")
+                    raise _not_sent(sent, len(bodies), error)
+                todo = {f["Id"]: todo[f["Id"]] for f in failed}
+                await asyncio.sleep(0.1 * 2**attempt)
+        return sent
 
     async def set_visibility(self, message: Message, seconds: int) -> bool:
         """Hide `message` for `seconds` from now (0: visible at once). False when SQS refused
@@ -216,6 +247,10 @@ class SqsQueue:
                 return
             todo = retry
             await asyncio.sleep(0.1 * 2**attempt)
+
+
+def _not_sent(sent: int, total: int, error: QueueError) -> QueueError:
+    return QueueError(f"{sent} of {total} messages sent, then {error}")
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -25,7 +25,6 @@ from batchjob.sinks import (
     S3ShardWriter,
     SchemaSource,
     ShardWriter,
-    is_run_manifest,
     manifest_bytes,
     stale_temp_files,
     write_manifest,
@@ -150,9 +149,8 @@ class Storage:
             if out.bucket == url.bucket and out.prefix.startswith(prefix) and out.prefix != prefix:
                 skip.append(out.prefix)
         for key in objects:
-            folder, slash, name = key.rpartition("/")
-            if is_run_manifest(name) and slash and len(folder) >= len(prefix):  # below the root
-                skip.append(folder + "/")
+            if key.endswith("/" + MANIFEST) and len(key) > len(prefix + MANIFEST):
+                skip.append(key[: -len(MANIFEST)])
                 log.warning("skipping s3://%s/%s: an earlier run's output", url.bucket, skip[-1])
         shards, skipped = [], []
         for key in objects:
@@ -275,17 +273,15 @@ class Storage:
             return ShardWriter(path, schema)
         return S3ShardWriter(await self.s3(), S3Url.parse(output).join(rel), schema)
 
-    async def write_manifest(
-        self, output: str, manifest: dict[str, Any], name: str = MANIFEST
-    ) -> None:
+    async def write_manifest(self, output: str, manifest: dict[str, Any]) -> None:
         """StorageError when it can't be written (a full disk, S3 errors past retries)."""
         if not is_s3(output):
             try:
-                write_manifest(output, manifest, name)
+                write_manifest(output, manifest)
             except OSError as e:
-                raise StorageError(f"can't write {output}/{name}: {e}") from None
+                raise StorageError(f"can't write {output}/{MANIFEST}: {e}") from None
             return
-        url = S3Url.parse(output).join(name)
+        url = S3Url.parse(output).join(MANIFEST)
         await (await self.s3()).put_bytes(url, manifest_bytes(manifest), "application/json")
 
 

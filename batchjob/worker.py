@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,7 @@ from batchjob.config import WorkerSpec
 from batchjob.engine import Engine
 from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
-from batchjob.executor import Executor, message_line
+from batchjob.executor import Delivery, Executor, message_line
 from batchjob.messages import ObjectWork, Work, parse_message
 from batchjob.metrics import WorkerMetrics
 from batchjob.output_format import make_head
@@ -91,6 +93,8 @@ class Worker:
         self._last_activity = time.monotonic()
         self._busy_since: float | None = None
         self._stopped = asyncio.Event()
+        # Names this worker in the records of submitted jobs' messages (status sums its time).
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -294,7 +298,26 @@ class Worker:
         if not works:
             return None
         what = "; ".join(self.executor.describe(work) for work in works)
-        return what, await self.executor.do(works)
+        delivery = Delivery(
+            message.id,
+            message.receive_count,
+            self.queue.max_receive_count,
+            self.name,
+            self._totals,
+        )
+        return what, await self.executor.do(works, delivery)
+
+    def _totals(self) -> dict[str, Any]:
+        """What this worker did so far: its busy time (a message in progress), documents and
+        real tokens, for the cost of the jobs it worked on."""
+        busy = self.summary.busy_seconds
+        if self._busy_since is not None:
+            busy += time.monotonic() - self._busy_since
+        return {
+            "busy_seconds": round(busy, 3),
+            "documents": self.executor.inferred,
+            "real_tokens": self.engine.stats.real_tokens,
+        }
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -44,6 +44,7 @@ ADMIN_POLICY = {
 SQS_ACTIONS = {
     "ChangeMessageVisibilityBatch": "ChangeMessageVisibility",
     "DeleteMessageBatch": "DeleteMessage",
+    "SendMessageBatch": "SendMessage",
 }
 
 
@@ -83,7 +84,9 @@ class IamWorld:
         )
 
     def set_up(
-        self, objects: dict[str, bytes], policies: tuple[str, ...] = ("run", "worker", "serve")
+        self,
+        objects: dict[str, bytes],
+        policies: tuple[str, ...] = ("run", "worker", "serve", "submit"),
     ) -> None:
         """Everything anew, with IAM not enforced; then enforced from the next request on."""
         self._enforce(False)

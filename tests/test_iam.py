@@ -1,6 +1,6 @@
 """manifests/iam/*.json: valid policy documents, consistent with the other manifests, enough
-for the real `batchjob run` and `batchjob worker` against a moto server that enforces IAM,
-every permission they grant used, and what they must not allow refused.
+for the real `batchjob run`, `worker`, `submit` and `status` against a moto server that
+enforces IAM, every permission they grant used, and what they must not allow refused.
 
 What moto can't show: it evaluates actions and resources but not conditions, so the
 s3:prefix and s3:ResourceAccount conditions are checked on the calls the code made (tests
@@ -41,7 +41,7 @@ from tests.iam_world import (
 from tests.s3_server import FaultProxy, MotoServer, aws_environment
 from tests.sqs_queues import Queue, worker_process
 
-NAMES = ("run", "worker", "serve")
+NAMES = ("run", "worker", "serve", "submit")
 STARTUP = 120.0  # seconds: bound on imports + replica start of a command on a busy machine
 MANIFESTS = POLICIES.parent
 # Granted, but needed only where these tests can't go: an abort follows a failed multipart
@@ -215,7 +215,7 @@ def s3_arn(uri: str, rest: str = "") -> str:
 
 def test_policies_fit_the_other_manifests() -> None:
     """The names in the policies are the ones the deployable manifests use."""
-    run, worker, serve = (load_policy(name) for name in NAMES)
+    run, worker, serve = (load_policy(name) for name in ("run", "worker", "serve"))
     cron = container_args("cronjob.yaml")
     inp, out = flag(cron, "--input"), flag(cron, "--output")
     bucket = f"arn:aws:s3:::{BUCKET}"
@@ -289,8 +289,13 @@ def test_run_then_resume_under_the_run_policy(
     assert "1 shards done, 0 failed, 2 skipped" in out.read_text()
     assert ids(world, "embeddings/c.parquet") == [f"c{i}" for i in range(5)]
     calls = assert_enough_and_all_used("run", recorder)
-    # The listings: the input, and (--resume) the output; never the bucket's root.
-    assert {c.prefix for c in calls if c.action == "s3:ListBucket"} == {"incoming/", "embeddings/"}
+    # The listings: the input, (--resume) the output, and the run records _manifest.json
+    # sums up; never the bucket's root.
+    assert {c.prefix for c in calls if c.action == "s3:ListBucket"} == {
+        "incoming/",
+        "embeddings/",
+        "embeddings/_batchjob/runs/",
+    }
 
 
 def test_worker_under_the_worker_policy(
@@ -324,6 +329,40 @@ def test_worker_under_the_worker_policy(
     assert {c.prefix for c in calls if c.action == "s3:ListBucket"} == {
         "incoming/sub/",
         "embeddings/",
+    }
+
+
+def test_submit_and_status_under_the_submit_policy(
+    world: IamWorld,
+    recorder: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    act_as(world, "submit", recorder.url, monkeypatch, tmp_path)
+    base = ["submit", "--queue", world.queue_url, "--output", OUTPUT]
+    owner = ("--expected-bucket-owner", ACCOUNT)
+    code, out, err = invoke([*base, "--input", INPUT, "--job-id", "all", *owner], capsys)
+    assert (code, out) == (
+        0,
+        "batchjob submit: job all: 2 shards, 0 done already, 2 sent in 2 messages\n",
+    ), err
+    # One object (a HEAD tells it from a prefix), as its own job.
+    code, out, err = invoke([*base, "--input", f"{INPUT}a.jsonl", "--job-id", "one"], capsys)
+    assert code == 0, err
+    code, out, err = invoke(["status", "--output", OUTPUT, *owner], capsys)
+    assert code == 3, err
+    # Both jobs name a.jsonl: one output, one shard to the output's status.
+    assert out.startswith(f"{OUTPUT}: in progress: 0/2 shards done, 2 remaining"), out
+    assert Queue(world.queue_url, QUEUE_ARN, world.client("sqs")).depth() == 3
+    calls = assert_enough_and_all_used("submit", recorder)
+    assert {c.prefix for c in calls if c.action == "s3:ListBucket"} == {
+        "incoming/",
+        "embeddings/",
+        "embeddings/_batchjob/jobs/",
+        "embeddings/_batchjob/jobs/all/",
+        "embeddings/_batchjob/jobs/one/",
+        "embeddings/_batchjob/runs/",
     }
 
 
@@ -384,7 +423,7 @@ def test_what_the_run_and_worker_policies_refuse(world: IamWorld, who: str) -> N
     s3.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload["UploadId"])
 
 
-@pytest.mark.parametrize("name", ["run", "worker"])
+@pytest.mark.parametrize("name", ["run", "worker", "submit"])
 def test_conditions_moto_cannot_check_refuse_what_they_should(name: str) -> None:
     """Evaluated here (moto ignores conditions): no listing outside the two prefixes, and no
     bucket of that name owned by another account (taken over after ours was deleted)."""

@@ -192,6 +192,7 @@ def test_sigterm_stops_cleanly_and_says_resume(
     by_output = {output_of(rel): ids for rel, ids in expected.items()}
     for name in finals:
         assert ids_in(out / name) == by_output[name], f"{name} is partial"
-    assert sorted(p.name for p in out.iterdir()) == sorted([*finals, "_manifest.json"])
+    # The outputs, the run's record (under _batchjob/) and their summary.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*finals, "_batchjob", "_manifest.json"])
     manifest = json.loads((out / "_manifest.json").read_text())
     assert sorted(output_of(rel) for rel in manifest["shards"]["done"]) == finals

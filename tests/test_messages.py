@@ -14,6 +14,7 @@ from batchjob.messages import (
     JobWork,
     MessageError,
     ObjectWork,
+    ShardsWork,
     TextRequest,
     parse_message,
 )
@@ -86,7 +87,11 @@ def test_inline_documents_take_their_id_or_the_message_id() -> None:
     [
         ("not json", "message body: not valid JSON: Expecting value at line 1 col 1"),
         ("[1, 2]", "message body: expected a JSON object, got list"),
-        ({"hello": 1}, "not an S3 event (Records), a job (input) nor inline documents"),
+        (
+            {"hello": 1},
+            "not an S3 event (Records), a job (input), inline documents (documents) nor a "
+            "job's shards (shards)",
+        ),
         ({"Type": "Notification", "Message": "{oops"}, "SNS notification's Message: not valid"),
         ({"Records": "x"}, "S3 event: Records is not a list"),
         ({"Records": [{"s3": {"object": {"key": "k"}}}]}, "Records[0]: no s3.bucket.name"),
@@ -116,5 +121,62 @@ def test_inline_documents_take_their_id_or_the_message_id() -> None:
     ],
 )
 def test_bad_bodies_are_message_errors_naming_the_problem(body: Any, error: str) -> None:
+    with pytest.raises(MessageError, match=re.escape(error)):
+        parse(body)
+
+
+def shards_body(*shards: object, **fields: object) -> dict[str, Any]:
+    body: dict[str, Any] = {"job_id": "job-1", "input": "s3://b/in/", "output": "s3://o/out/"}
+    return {**body, "shards": list(shards), **fields}
+
+
+def test_shards_messages_name_each_shard_below_the_input() -> None:
+    body = shards_body("s3://b/in/a.jsonl", "s3://b/in/sub/b.csv.gz", keep_columns="url")
+    assert parse(body) == [
+        ShardsWork(
+            "job-1",
+            "s3://b/in/",
+            (("s3://b/in/a.jsonl", "a.jsonl"), ("s3://b/in/sub/b.csv.gz", "sub/b.csv.gz")),
+            "s3://o/out/",
+            keep_columns=("url",),
+        )
+    ]
+    # The bucket's root as the input: a shard is named by its whole key.
+    assert parse(shards_body("s3://b/k.txt", input="s3://b/"))[0].shards == (
+        ("s3://b/k.txt", "k.txt"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (shards_body(), "shards message: shards must be a non-empty list of s3:// URIs"),
+        ({**shards_body(), "shards": "s3://b/in/a.jsonl"}, "shards must be a non-empty list"),
+        (shards_body("/etc/passwd"), "shards message: shards[0] must be an s3:// URI, got '/etc"),
+        (shards_body("s3://b/in/a", 7), "shards message: shards[1] must be an s3:// URI, got 7"),
+        (
+            shards_body("s3://b/other/a.jsonl"),
+            "shards message: shards[0] s3://b/other/a.jsonl is not an object under input s3://b/in/",
+        ),
+        (shards_body("s3://c/in/a.jsonl"), "shards[0] s3://c/in/a.jsonl is not an object under"),
+        (shards_body("s3://b/in/"), "shards[0] s3://b/in/ is not an object under input"),
+        (shards_body("s3://b/in/d/"), "shards[0] s3://b/in/d/ is not an object under input"),
+        (shards_body("s3://b/in/a", "s3://b/in/a"), "shards message: a shard is named twice"),
+        (
+            shards_body(*(f"s3://b/in/{i}.jsonl" for i in range(101))),
+            "shards message: 101 shards, more than the 100 a message may name",
+        ),
+        (shards_body("s3://b/in/a", input="s3://b/in"), "input must be a prefix ending in /"),
+        (shards_body("s3://b/in/a", input=None), "shards message: input must be an s3:// URI"),
+        (shards_body("s3://b/in/a", output="out/"), "shards message: output must be an s3:// URI"),
+        (shards_body("s3://b/in/a", job_id="../x"), "shards message: job_id '../x' must be"),
+        (shards_body("s3://b/in/a", job_id=3), "shards message: job_id 3 must be letters"),
+        (
+            shards_body("s3://b/in/a", long_documents="all"),
+            "shards message: long_documents must be one of truncate, chunk, mean",
+        ),
+    ],
+)
+def test_bad_shards_messages_are_refused_naming_the_problem(body: Any, error: str) -> None:
     with pytest.raises(MessageError, match=re.escape(error)):
         parse(body)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batchjob.partitions import Partition, part_of
+from batchjob.partitions import part_of
 from batchjob.shards import shard
 from tests.conftest import (
     CompileFn,
@@ -55,8 +55,12 @@ def output_of(rel: str) -> str:
 
 
 def part_manifest(out: Path, index: int) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((out / Partition(index, PARTS).manifest_name).read_text())
-    return data
+    """The latest run record of part `index` (each run or part writes its own)."""
+    records = [json.loads(p.read_text()) for p in sorted((out / "_batchjob/runs").glob("*.json"))]
+    mine = [r for r in records if r.get("partition", {}).get("index") == index]
+    assert mine, f"no run record of part {index} in {out}"
+    latest: dict[str, Any] = mine[-1]
+    return latest
 
 
 @dataclass
@@ -102,7 +106,7 @@ def test_three_parts_write_what_one_run_writes(runs: Runs) -> None:
             assert np.allclose(a, b, rtol=0, atol=1e-6), name
 
 
-def test_each_shard_is_in_exactly_one_part_and_each_part_has_its_manifest(runs: Runs) -> None:
+def test_each_shard_is_in_exactly_one_part_and_each_part_has_its_record(runs: Runs) -> None:
     done = [part_manifest(runs.parts, i)["shards"]["done"] for i in range(PARTS)]
     assert Counter(rel for part in done for rel in part) == Counter(list(runs.expected))
     assert all(done), "45 shards over 3 parts: none should be empty"
@@ -115,7 +119,9 @@ def test_each_shard_is_in_exactly_one_part_and_each_part_has_its_manifest(runs: 
         assert manifest["counts"]["documents"] == len(rels) * PER_SHARD
         assert manifest["shards"]["failed"] == manifest["shards"]["skipped"] == []
         assert {part_of(shard(rel, rel, "auto"), PARTS) for rel in rels} == {i}
-    assert not (runs.parts / "_manifest.json").exists()
+    # _manifest.json sums up every part's run record, whichever part finished last.
+    summary = json.loads((runs.parts / "_manifest.json").read_text())
+    assert sorted(r["partition"]["index"] for r in summary["runs"]) == list(range(PARTS))
     assert (runs.whole / "_manifest.json").exists()
     assert pq.read_table(runs.parts).num_rows == SHARDS * PER_SHARD
 
@@ -183,7 +189,7 @@ def test_an_empty_part_succeeds_and_says_so(
     assert code == 0, err
     assert stdout.startswith("batchjob run: part 2/3: 0 of 2 shards; 0 documents"), stdout
     assert parquet_files(out) == set()
-    manifest = json.loads((out / "_manifest.part-2-of-3.json").read_text())
+    manifest = part_manifest(out, 2)
     assert manifest["partition"]["shards"] == 0
     assert manifest["shards"] == {"done": [], "skipped": [], "failed": []}
 

@@ -15,7 +15,6 @@ from batchjob.errors import UsageError
 from batchjob.job_files import load_job_file
 from batchjob.partitions import Partition, parse_partition, part_of, resolve_partition
 from batchjob.shards import ShardRef, list_shards, parse_shard_list, shard
-from batchjob.sinks import is_run_manifest
 from batchjob.storage import Storage
 from tests.conftest import assert_usage_error, invoke, write_jsonl
 from tests.s3_server import Bucket
@@ -98,19 +97,10 @@ def test_parse_partition(text: str, index: int, count: int) -> None:
     assert str(Partition(index, count)) == f"{index}/{count}"
 
 
-def test_each_part_names_its_own_manifest() -> None:
-    names = [Partition(i, 12).manifest_name for i in range(12)]
-    assert names[2] == "_manifest.part-02-of-12.json"
-    assert len(set(names)) == 12
-    assert names == sorted(names)
-    assert all(is_run_manifest(n) for n in [*names, "_manifest.json"])
-    assert not is_run_manifest("_manifest.part-x-of-3.json")
-
-
 def test_an_earlier_partitioned_output_inside_the_input_is_not_read(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
     write_jsonl(tmp_path / "old" / "b.jsonl", [{"text": "x"}])
-    (tmp_path / "old" / "_manifest.part-1-of-3.json").write_text("{}")
+    (tmp_path / "old" / "_manifest.json").write_text("{}")  # a part's summary, as any run's
     assert [s.rel for s in list_shards(str(tmp_path))] == ["a.jsonl"]
 
 
@@ -254,9 +244,9 @@ def test_an_earlier_partitioned_output_under_an_s3_input_is_not_read(bucket: Buc
     bucket.put_many(
         {
             "a.jsonl": b"",
-            "_manifest.part-0-of-2.json": b"{}",  # at the root listed: the root is still read
+            "_manifest.json": b"{}",  # at the root listed: the root is still read
             "old/b.jsonl": b"",
-            "old/_manifest.part-1-of-3.json": b"{}",
+            "old/_manifest.json": b"{}",
             "older/c.jsonl": b"",
             "older/_manifest.json": b"{}",
             "newer/d.jsonl": b"",

@@ -123,7 +123,11 @@ def test_an_earlier_output_inside_the_input_is_never_read_again(
     manifest = json.loads((nest / "again" / "_manifest.json").read_text())
     assert every_shard_once(manifest, {"docs.jsonl"}) == {}
     assert tree_bytes(nest / "out") == earlier
-    assert sorted(p.name for p in (nest / "again").iterdir()) == ["_manifest.json", "docs.parquet"]
+    assert sorted(p.name for p in (nest / "again").iterdir()) == [
+        "_batchjob",
+        "_manifest.json",
+        "docs.parquet",
+    ]
 
 
 def test_s3_output_equal_to_the_input_prefix_is_refused(
@@ -221,7 +225,8 @@ def test_a_disk_that_fills_up_fails_that_shard_only(
         assert list(failed) == ["big.jsonl"]
         assert "No space left on device" in failed["big.jsonl"], failed
         names = sorted(p.name for p in disk.iterdir())
-        assert names == ["_manifest.json", "small1.parquet", "small2.parquet"], "no temp left"
+        expected = ["_batchjob", "_manifest.json", "small1.parquet", "small2.parquet"]
+        assert names == expected, "no temp left"
         assert pq.read_table(disk / "small2.parquet").column("id").to_pylist() == ["b0", "b1"]
 
 
