@@ -29,6 +29,7 @@ from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
 from batchjob.output_format import make_head, output_metadata
+from batchjob.pair_tasks import pair_fields
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
 from batchjob.progress import Progress
@@ -219,7 +220,10 @@ class _Job:
         self.spec, self.engine, self.storage = spec, engine, storage
         self.report, self.progress, self.options = report, progress, options
         self.keep = spec.output_format.keep_columns
-        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field, self.keep)
+        self.fields = pair_fields(
+            Fields(spec.text_field, spec.text_pair_field, spec.id_field, self.keep),
+            spec.output_format.pairs,
+        )
         self.schema = output_schema_source(engine, self.keep, options)
 
     async def shards(self, shards: list[ShardRef]) -> None:

@@ -18,6 +18,9 @@ Face inference toolkit define, read once here at start-up.
 |               | -ranges, -type               | (a file in the model), _TYPE (Parquet only)  |
 | multi-label   | --multi-label, --threshold   | BATCHJOB_MULTI_LABEL (true/false),           |
 |               |                              | BATCHJOB_THRESHOLD                           |
+| zero-shot     | --candidate-labels, -field,  | BATCHJOB_CANDIDATE_LABELS (a,b,c), _FIELD,   |
+|               | --hypothesis-template        | BATCHJOB_HYPOTHESIS_TEMPLATE                 |
+| ranking       | --group-field                | BATCHJOB_GROUP_FIELD                         |
 
 Limits (serve_limits.py says how each is enforced): --max-concurrent-requests (default: the
 MaxConcurrentTransforms advertised), --queue-timeout, --header-timeout, --body-timeout.
@@ -70,6 +73,9 @@ HF_TASKS = {
     "sentiment-analysis": "text-classification",
     "feature-extraction": "feature-extraction",
     "sentence-embeddings": "feature-extraction",
+    "zero-shot-classification": "zero-shot-classification",  # pair_tasks.py
+    "text-ranking": "text-ranking",
+    "sentence-ranking": "text-ranking",  # the toolkit's name for a CrossEncoder
 }
 
 
@@ -261,7 +267,8 @@ def serve_spec(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeSpe
         )
     payload = _env_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB")
     _text_options(fields, environ)
-    given = {name: fields[name] for name in OUTPUT_FIELDS if name in fields}
+    # The task too: zero-shot-classification and text-ranking are heads (pair_tasks.py).
+    given = {name: fields[name] for name in (*OUTPUT_FIELDS, "task") if name in fields}
     formats = output_format({**output_format_from_env(environ), **given})
     options = {
         name: fields[name]
