@@ -229,3 +229,28 @@ def test_ranking_refusals(
     argv = ["run", "--model", str(classifier_dir), "--input", str(tmp_path / "in.jsonl")]
     argv += ["--output", str(tmp_path / "out"), "--task", TEXT_RANKING]
     assert_usage_error(*invoke(argv, capsys), ("--text-pair-field",))
+
+
+def test_readers_take_labels_and_groups_from_csv_and_parquet(tmp_path: Path) -> None:
+    import io
+
+    import pyarrow as pa
+
+    from batchjob.records import Fields, read_records
+
+    fields = Fields(candidate_labels="labels", group="q")
+    body = b'id,text,labels,q\na,hello,"x, y",1\nb,bye,"[""p"", ""q""]",2\nc,none,,3\n'
+    (records,) = read_records(io.BytesIO(body), "csv", "r.csv", fields)
+    assert [r.candidate_labels for r in records[:2]] == [("x", "y"), ("p", "q")]
+    assert [r.group for r in records[:2]] == ["1", "2"]
+    assert records[2].error == "r.csv row 3 (id c): field 'labels' holds no candidate labels"
+    table = pa.table({"text": ["t1", "t2"], "labels": [["a", "b"], None], "q": [7, 7]})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    buffer.seek(0)
+    (records,) = read_records(buffer, "parquet", "r.parquet", fields)
+    assert (records[0].candidate_labels, records[0].group) == (("a", "b"), "7")
+    assert records[1].error == (
+        "r.parquet row 2 (id r.parquet:2): field 'labels' must be a list of strings "
+        "(the candidate labels)"
+    )
