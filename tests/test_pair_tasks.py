@@ -254,3 +254,23 @@ def test_readers_take_labels_and_groups_from_csv_and_parquet(tmp_path: Path) -> 
         "r.parquet row 2 (id r.parquet:2): field 'labels' must be a list of strings "
         "(the candidate labels)"
     )
+
+
+def test_a_job_file_takes_the_pair_options(tmp_path: Path) -> None:
+    from batchjob.config import run_spec
+    from batchjob.job_files import load_job_file
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "model: m\ninput: i\noutput: o\ntask: zero-shot-classification\n"
+        "candidate_labels: [urgent, not urgent]\nhypothesis_template: 'It is {}.'\n"
+        "multi_label: true\n"
+    )
+    spec = run_spec(load_job_file(str(job)))
+    assert spec.compile.task == "text-classification"
+    assert spec.output_format.pairs == PairOptions(
+        ZERO_SHOT, ("urgent", "not urgent"), hypothesis_template="It is {}."
+    )
+    job.write_text("model: m\ninput: i\noutput: o\ntask: text-ranking\ngroup_field: 3\n")
+    with pytest.raises(UsageError, match="group_field"):
+        run_spec(load_job_file(str(job)))
