@@ -106,15 +106,18 @@ class PairOptions:
             if name is not None and not name:
                 raise UsageError(f"{flag} must not be empty")
 
-    def check_records(self, long_documents: str, text_pair_field: str | None) -> None:
-        """What `run` and `worker` need of records for the task (serve's come per request)."""
-        if self.task is None:
-            return
-        if long_documents != "truncate":
+    def check_long_documents(self, long_documents: str) -> None:
+        if self.task is not None and long_documents != "truncate":
             raise UsageError(
                 f"--task {self.task} truncates long texts (as the pipeline): "
                 f"--long-documents {long_documents} is not supported with it"
             )
+
+    def check_records(self, long_documents: str, text_pair_field: str | None) -> None:
+        """What `run` and `worker` need of records for the task (serve's come per request)."""
+        if self.task is None:
+            return
+        self.check_long_documents(long_documents)
         if self.task == ZERO_SHOT:
             if text_pair_field is not None:
                 raise UsageError(

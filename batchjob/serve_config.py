@@ -105,6 +105,7 @@ class ServeSpec:
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
         check_text_options(self.long_documents, self.chunk_overlap, self.prompt, self.prompt_name)
+        self.output_format.pairs.check_long_documents(self.long_documents)
         check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
         require(
             0 <= self.max_batch_delay_ms <= 10_000,

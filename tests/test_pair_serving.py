@@ -145,6 +145,10 @@ def test_hf_task_values() -> None:
     )
     assert spec.output_format.pairs.candidate_labels == ("a", "b")
     assert spec.output_format.multi_label
+    with pytest.raises(UsageError, match="--long-documents chunk is not supported"):
+        serve_spec(
+            {"model": "m"}, {"HF_TASK": "sentence-ranking", "BATCHJOB_LONG_DOCUMENTS": "chunk"}
+        )
     with pytest.raises(UsageError, match=r"has no \{\} where the label should go"):
         serve_spec({"model": "m"}, {"HF_TASK": ZERO_SHOT, "BATCHJOB_HYPOTHESIS_TEMPLATE": "x"})
 
