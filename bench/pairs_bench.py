@@ -13,7 +13,7 @@ Throughput: documents (zero-shot) or pairs (ranking) per second, batchjob's from
 manifest (replicas ready → last shard written), the peers' over the documents they got
 through in `--budget` seconds (after a warm-up).
 
-    .venv/bin/python bench/pairs_bench.py [--docs 600] [--labels 4] [--pairs 2400] [--budget 60]
+    .venv/bin/python bench/pairs_bench.py [--docs 600] [--labels 4] [--pairs 1600] [--budget 30]
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--docs", type=int, default=600, help="zero-shot documents (600)")
     p.add_argument("--labels", type=int, default=4, help="candidate labels each (4)")
-    p.add_argument("--pairs", type=int, default=2400, help="ranking pairs (2400)")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds per peer timing (60)")
+    p.add_argument("--pairs", type=int, default=1600, help="ranking pairs (1600)")
+    p.add_argument("--budget", type=float, default=30.0, help="seconds per peer timing (30)")
     return p.parse_args(argv)
 
 
