@@ -56,7 +56,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         default=S,
         help="artifact or model: a directory, a hub id, s3://.../x.tar.gz or s3://prefix/",
     )
-    p.add_argument("--task", default=S, help="text-classification or feature-extraction")
+    p.add_argument(
+        "--task",
+        default=S,
+        help="text-classification, feature-extraction; run, worker, serve: also "
+        "zero-shot-classification, text-ranking (a classifier's graphs)",
+    )
     p.add_argument("--backend", default=S, help="cpu (default), neuron (Inf1), neuronx (Inf2/Trn1)")
     p.add_argument("--dtype", default=S, help="auto (default: bf16 where native), fp32, bf16")
     p.add_argument("--batch-size", type=_integer, default=S, help="rows per batch (6)")
@@ -138,6 +143,14 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold", type=float, default=S, help="multi-label: a label's score to be in labels"
     )
+    p.add_argument("--candidate-labels", default=S, help="zero-shot: labels, a,b,c")
+    p.add_argument(
+        "--candidate-labels-field", default=S, help="zero-shot: each record's labels (a list)"
+    )
+    p.add_argument(
+        "--hypothesis-template", default=S, help='zero-shot: "This example is {}." (default)'
+    )
+    p.add_argument("--group-field", default=S, help="text-ranking: add `rank` within each group")
 
 
 def build_parser() -> argparse.ArgumentParser:

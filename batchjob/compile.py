@@ -33,6 +33,7 @@ from batchjob.compile_plan import calibration_sample, plan, resolve_dtype
 from batchjob.config import (
     CompileSpec,
 )
+from batchjob.cross_encoders import write_cross_encoder_config
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.graphs import (
     EncoderGraph,
@@ -127,6 +128,7 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
             write_weights(shared, os.path.join(staging, WEIGHTS_FILE))
         loaded.tokenizer.save_pretrained(os.path.join(staging, "tokenizer"))
         write_prompts(spec.model, staging)  # sentence-transformers' prompts, for --prompt-name
+        write_cross_encoder_config(spec.model, staging)  # a CrossEncoder's activation_fn
         loaded.config.save_pretrained(staging)
         artifact = Artifact(
             path=staging,

@@ -20,6 +20,7 @@ from typing import Any
 from batchjob.batching import Shape
 from batchjob.errors import UsageError
 from batchjob.output_format import OUTPUT_FIELDS, OutputFormat, output_format
+from batchjob.pair_tasks import run_task_of
 from batchjob.partitions import Partition, parse_partition, resolve_partition
 from batchjob.prices import hourly_price
 
@@ -215,6 +216,7 @@ class RunSpec:
         _choice("--progress", self.progress, ("auto", "bar", "log", "none"))
         check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
         check_text_options(self.long_documents, self.chunk_overlap, self.prompt, self.prompt_name)
+        self.output_format.pairs.check_records(self.long_documents, self.text_pair_field)
         if self.chunk_size is not None:
             # "chunk" is a window of a long document now (--long-documents chunk).
             log.warning("--chunk-size is deprecated: it is --records-per-read now")
@@ -266,6 +268,7 @@ class WorkerSpec:
     def __post_init__(self) -> None:
         require(bool(self.queue), "--queue is required")
         check_text_options(self.long_documents, self.chunk_overlap, self.prompt, self.prompt_name)
+        self.output_format.pairs.check_records(self.long_documents, self.text_pair_field)
         require(bool(self.output), "--output is required")
         require(
             self.output.startswith("s3://") and len(self.output) > len("s3://"),
@@ -378,6 +381,8 @@ def compile_spec(fields: dict[str, Any]) -> CompileSpec:
     given = [fields.get(name) for name in SHAPE_FIELDS]
     shapes = resolve_shapes(*given) if any(v is not None for v in given) else ()
     options = {k: fields[k] for k in COMPILE_FIELDS if k in fields}
+    if "task" in options:  # zero-shot-classification, text-ranking: a classifier's graphs
+        options["task"] = run_task_of(options["task"])
     if isinstance(options.get("compiler_args"), str):
         options["compiler_args"] = shlex.split(options["compiler_args"])
     options["compiler_args"] = tuple(options.get("compiler_args", ()))

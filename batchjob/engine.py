@@ -35,12 +35,14 @@ from batchjob.artifact import Artifact
 from batchjob.batching import Batch, Batcher, Item, make_batcher
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.long_documents import Failed, TextOptions, Unit, plan_units, prompted
+from batchjob.pair_tasks import ZeroShot
 from batchjob.records import Record
 from batchjob.results import Ran, Span, assemble
 from batchjob.results import Result as Result
 from batchjob.startup import mark
 from batchjob.tasks import Head, default_head
 from batchjob.tokens import RecordTokenizer
+from batchjob.zero_shot import ZeroShotPlan
 
 log = logging.getLogger("batchjob.engine")
 
@@ -187,9 +189,13 @@ class Engine:
         self._waiting.clear()
 
     async def infer(
-        self, records: Sequence[Record], options: TextOptions = TRUNCATE
+        self,
+        records: Sequence[Record],
+        options: TextOptions = TRUNCATE,
+        zero_shot: ZeroShot | None = None,
     ) -> list[Result]:
-        """One result per record, in order. Error records come back as they are."""
+        """One result per record, in order. Error records come back as they are.
+        `zero_shot`: this call's zero-shot head (a request's parameters), for the engine's."""
         if self._closing:
             raise EngineClosedError("the engine is shutting down: it takes no new records")
         if self._broken is not None:
@@ -199,8 +205,9 @@ class Engine:
         self._active += 1
         self._idle.clear()
         try:
-            if options.windowed:
-                return await self._infer_windows(list(records), options)
+            zero_shot = zero_shot or (self.head if isinstance(self.head, ZeroShot) else None)
+            if options.windowed or zero_shot is not None:  # rows ≠ records
+                return await self._infer_windows(list(records), options, zero_shot)
             if options.prompt:
                 records = [prompted(r, options.prompt) for r in records]
             return await self._infer(list(records))
@@ -244,7 +251,9 @@ class Engine:
         self._changed.set()
         await asyncio.sleep(0)  # let /ping and other requests in between slices
 
-    async def _infer_windows(self, records: list[Record], options: TextOptions) -> list[Result]:
+    async def _infer_windows(
+        self, records: list[Record], options: TextOptions, zero_shot: ZeroShot | None = None
+    ) -> list[Result]:
         """Records → rows to run (a long record's windows tokenized a slice at a time, so
         its first batches run while the rest are tokenized) → one Result per record."""
         if not any(r.error is None for r in records):
@@ -254,7 +263,12 @@ class Engine:
         call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future(), raw={})
         units: list[Ran] = []
         failed: dict[int, str] = {}
-        planned = plan_units(self.tokenizer, records, options)
+        expanded = None  # zero-shot: a row per candidate label
+        if zero_shot is not None:
+            expanded = ZeroShotPlan(zero_shot, self.tokenizer, records, options.prompt)
+        planned = (
+            iter(expanded) if expanded is not None else plan_units(self.tokenizer, records, options)
+        )
         call.remaining = 1  # until every unit is planned
         try:
             while not call.done.done() and (
@@ -281,6 +295,8 @@ class Engine:
             call.done.cancel()
             raise
         assert call.raw is not None
+        if expanded is not None:
+            return expanded.assemble(units, failed, call.raw)
         return assemble(self.head, records, units, failed, call.raw, options.long_documents)
 
     async def _enqueue(self, batch: Batch) -> None:

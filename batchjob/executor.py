@@ -33,6 +33,7 @@ from batchjob.messages import (
     TextRequest,
     Work,
 )
+from batchjob.pair_tasks import pair_fields
 from batchjob.paths import allowed, is_under, output_problems, overlap
 from batchjob.pipeline import Counts, chunked, write_shard
 from batchjob.prompts import resolve_text_options
@@ -102,7 +103,9 @@ class Executor:
             prompt_name=spec.prompt_name,
             error=UsageError,
         )
-        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field)
+        self.fields = pair_fields(
+            Fields(spec.text_field, spec.text_pair_field, spec.id_field), spec.output_format.pairs
+        )
         self.inferred = 0  # documents with results so far: for the throughput log
         self.output = S3Url.parse(spec.output)
         # None: --allow-any-input. Else what S3 events and job messages may read.
@@ -142,6 +145,9 @@ class Executor:
     def _options(self, asked: TextRequest) -> TextOptions:
         """The worker's options, with what the message asks instead (MessageError if bad)."""
         spec, options = self.spec, self.options
+        task = spec.output_format.pairs.task
+        if task is not None and asked.long_documents not in (None, "truncate"):
+            raise MessageError(f"long_documents: --task {task} truncates long texts")
         prompt, name = spec.prompt, spec.prompt_name
         if asked.prompt is not None or asked.prompt_name is not None:
             prompt, name = asked.prompt, asked.prompt_name

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchjob.cross_encoders import is_cross_encoder
 from batchjob.errors import UsageError
 from batchjob.st_modules import DenseLayer, L2Normalize, lowercase_first, read_model
 
@@ -32,6 +33,8 @@ def infer_task(model: str) -> str:
     """The task a model was made for: a classification head, or sentence embeddings."""
     from transformers import AutoConfig
 
+    if os.path.isdir(model) and is_cross_encoder(model):
+        return "text-classification"
     if os.path.isdir(model) and any(
         os.path.exists(os.path.join(model, f)) for f in _SENTENCE_TRANSFORMERS_FILES
     ):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchjob.embeddings import Embedder, EmbeddingSpec, model_dim
 from batchjob.errors import UsageError
+from batchjob.pair_tasks import PAIR_TASKS, PairOptions, make_pair_head, pair_options
 from batchjob.tasks import Classification, Embeddings, Head
 
 if TYPE_CHECKING:  # config.py imports this module, and artifact.py imports config.py
@@ -40,6 +41,11 @@ OUTPUT_FIELD_TYPES: dict[str, Any] = {
     "embedding_ranges": str,
     "multi_label": bool,
     "threshold": float,
+    # pair_tasks.py: zero-shot-classification, text-ranking
+    "candidate_labels": str | list[str],
+    "candidate_labels_field": str,
+    "hypothesis_template": str,
+    "group_field": str,
 }
 OUTPUT_FIELDS = tuple(OUTPUT_FIELD_TYPES)
 # serve: Batch Transform passes only the environment.
@@ -55,6 +61,7 @@ class OutputFormat:
     embedding: EmbeddingSpec = field(default_factory=EmbeddingSpec)
     multi_label: bool = False  # False: as the model's config says
     threshold: float | None = None  # None: DEFAULT_THRESHOLD; only with multi-label
+    pairs: PairOptions = field(default_factory=PairOptions)  # --task zero-shot, text-ranking
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0 <= self.threshold <= 1:
@@ -90,6 +97,7 @@ def output_format(fields: Mapping[str, Any]) -> OutputFormat:
         EmbeddingSpec(**options),
         multi_label=bool(fields.get("multi_label", False)),
         threshold=None if threshold is None else float(threshold),
+        pairs=pair_options(fields),
     )
 
 
@@ -134,6 +142,10 @@ def make_head(artifact: Artifact, fmt: OutputFormat, *, calibrate: bool) -> Head
     can't be: embedding options or --embedding-dim above the model's for a classifier,
     --multi-label for embeddings, --threshold without multi-label. `calibrate`: int8 ranges
     may come from the first batch (`run`: one process)."""
+    if fmt.pairs.task is not None:
+        if not fmt.embedding.is_default or fmt.threshold is not None:
+            raise UsageError(f"--embedding-* and --threshold don't apply to {fmt.pairs.task}")
+        return make_pair_head(artifact, fmt.pairs, fmt.multi_label)
     if artifact.task == "text-classification":
         if not fmt.embedding.is_default:
             raise UsageError(
@@ -174,7 +186,7 @@ def output_metadata(
     options its records were run with (resolved: the prompt actually put before each text,
     and the name it came by; how long documents were run)."""
     return {
-        "task": artifact.task,
+        "task": head.task if head.task in PAIR_TASKS else artifact.task,
         "model": artifact.source_model,
         "keep_columns": list(keep),
         **text.describe(),

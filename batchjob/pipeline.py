@@ -18,6 +18,7 @@ from dataclasses import astuple, dataclass
 
 from batchjob.engine import TRUNCATE, Engine
 from batchjob.long_documents import TextOptions
+from batchjob.pair_tasks import Ranking, assign_ranks
 from batchjob.records import Record
 from batchjob.results import Result
 from batchjob.sinks import OutputWriter, Row, row_columns
@@ -69,6 +70,10 @@ async def write_shard(
     pending: deque[tuple[list[Record], asyncio.Task[list[Result]]]] = deque()
     rows: list[Row] = []
     documents = 0  # in `rows`
+    # text-ranking with --group-field: `rank` within each group of the shard, so the shard's
+    # rows (small: id, score, kept columns) are held until its last record is in.
+    ranked = isinstance(engine.head, Ranking) and engine.head.group_field is not None
+    groups: list[str | None] = []
 
     async def oldest_done() -> None:
         nonlocal documents
@@ -82,10 +87,16 @@ async def write_shard(
                 rows.append(
                     Row(record.id, result.values, result.truncated, result.error, kept=record.kept)
                 )
+                groups.append(record.group)
             for span, values in result.chunks:
                 rows.append(Row(record.id, values, False, None, astuple(span), record.kept))
-        if len(rows) >= ROWS_PER_WRITE or not pending:
-            writer.write(row_columns(task_names, rows, chunked, keep))
+        if (len(rows) >= ROWS_PER_WRITE and not ranked) or not pending:
+            if ranked:
+                assign_ranks([row.values for row in rows], groups)
+            for start in range(0, max(len(rows), 1), ROWS_PER_WRITE):  # an empty shard too
+                part = rows[start : start + ROWS_PER_WRITE]
+                writer.write(row_columns(task_names, part, chunked, keep))
+            groups.clear()
             counts.documents += documents
             counts.errors += sum(row.error is not None for row in rows)
             counts.truncated += sum(row.truncated for row in rows)

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchjob.errors import InputError, UsageError
+from batchjob.pair_tasks import candidate_labels_of, group_text
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
@@ -63,6 +64,8 @@ class Fields:
     text_pair: str | None = None  # when set, each record must also carry this field
     id: str = "id"
     keep: tuple[str, ...] = ()  # copied into the output (--keep-columns); missing: null
+    candidate_labels: str | None = None  # zero-shot: each record's labels (a list of strings)
+    group: str | None = None  # text-ranking: the record's group (`rank` within it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,8 @@ class Record:
     # The values of Fields.keep, in its order: str or None from jsonl/csv, a typed pyarrow
     # Scalar from Parquet (its column's Arrow type goes to the output). None: no values.
     kept: tuple[Any, ...] | None = None
+    candidate_labels: tuple[str, ...] | None = None  # Fields.candidate_labels' value
+    group: str | None = None  # Fields.group's value as text; None: missing or null
 
 
 def is_gzip(name: str) -> bool:
@@ -249,7 +254,15 @@ def _record(
     except _Bad as e:
         # Its kept values still go out: they tell the user which record failed.
         return dataclasses.replace(_error(rel, unit, n, e), kept=kept)
-    return Record(record_id, text, pair, kept=kept)
+    labels = None
+    if fields.candidate_labels is not None:
+        try:
+            labels = candidate_labels_of(values, fields.candidate_labels)
+        except InputError as e:
+            place = f"{rel} {unit} {n} (id {record_id})"
+            return Record(record_id, None, error=f"{place}: {e}", kept=kept)
+    group = None if fields.group is None else group_text(values.get(fields.group))
+    return Record(record_id, text, pair, kept=kept, candidate_labels=labels, group=group)
 
 
 def _kept(value: object) -> object:
@@ -394,7 +407,7 @@ def _parquet_records(
             for i in range(pf.metadata.num_rows):
                 yield _error(rel, "row", i + 1, problem)
             return
-    wanted = (fields.id, fields.text, fields.text_pair)
+    wanted = (fields.id, fields.text, fields.text_pair, fields.candidate_labels, fields.group)
     columns = list(dict.fromkeys(c for c in wanted if c is not None and c in names))
     types = {c: str(schema.field(c).type) for c in columns}
     kept = [c for c in dict.fromkeys(fields.keep) if c in names]

@@ -30,6 +30,7 @@ from batchjob.errors import BatchJobError, UsageError
 from batchjob.job_records import new_id
 from batchjob.long_documents import TextOptions
 from batchjob.output_format import make_head, output_metadata
+from batchjob.pair_tasks import pair_fields
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
 from batchjob.prices import cost, hourly_price
@@ -242,7 +243,10 @@ class _Job:
         self.spec, self.engine, self.storage = spec, engine, storage
         self.report, self.progress, self.options = report, progress, options
         self.keep = spec.output_format.keep_columns
-        self.fields = Fields(spec.text_field, spec.text_pair_field, spec.id_field, self.keep)
+        self.fields = pair_fields(
+            Fields(spec.text_field, spec.text_pair_field, spec.id_field, self.keep),
+            spec.output_format.pairs,
+        )
         self.schema = output_schema_source(engine, self.keep, options)
 
     async def shards(self, shards: list[ShardRef]) -> None:

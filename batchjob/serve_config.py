@@ -42,6 +42,10 @@ also take 1/0, yes/no, on/off. An empty variable is not set.
 | --embedding-ranges         | BATCHJOB_EMBEDDING_RANGES (a file in the model)           |
 | --multi-label              | BATCHJOB_MULTI_LABEL (true/false)                         |
 | --threshold                | BATCHJOB_THRESHOLD                                        |
+| --candidate-labels         | BATCHJOB_CANDIDATE_LABELS (a,b,c)                         |
+| --candidate-labels-field   | BATCHJOB_CANDIDATE_LABELS_FIELD                           |
+| --hypothesis-template      | BATCHJOB_HYPOTHESIS_TEMPLATE                              |
+| --group-field              | BATCHJOB_GROUP_FIELD                                      |
 | --drain-seconds            | BATCHJOB_DRAIN_SECONDS                                    |
 | --max-concurrent-requests  | BATCHJOB_MAX_CONCURRENT_REQUESTS                          |
 | --queue-timeout            | BATCHJOB_QUEUE_TIMEOUT                                    |
@@ -113,6 +117,9 @@ HF_TASKS = {
     "sentiment-analysis": "text-classification",
     "feature-extraction": "feature-extraction",
     "sentence-embeddings": "feature-extraction",
+    "zero-shot-classification": "zero-shot-classification",  # pair_tasks.py
+    "text-ranking": "text-ranking",
+    "sentence-ranking": "text-ranking",  # the toolkit's name for a CrossEncoder
 }
 
 
@@ -142,6 +149,7 @@ class ServeSpec:
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, f"--port must be 0..65535, got {self.port}")
         check_text_options(self.long_documents, self.chunk_overlap, self.prompt, self.prompt_name)
+        self.output_format.pairs.check_long_documents(self.long_documents)
         check_replica_options(self.replicas, self.cores_per_replica, self.replica_start_timeout)
         require(
             0 <= self.max_batch_delay_ms <= 10_000,
@@ -241,7 +249,8 @@ def _serve_spec(
         )
     payload = env_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB")
     text_options_from_env(fields, environ)
-    given = {name: fields[name] for name in OUTPUT_FIELDS if name in fields}
+    # The task too: zero-shot-classification and text-ranking are heads (pair_tasks.py).
+    given = {name: fields[name] for name in (*OUTPUT_FIELDS, "task") if name in fields}
     formats = output_format({**output_format_from_env(environ), **given})
     options = {
         name: fields[name]

@@ -33,10 +33,19 @@ from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.long_documents import TextOptions
 from batchjob.output_format import make_head
+from batchjob.pair_tasks import Ranking, ZeroShot
 from batchjob.prompts import spec_text_options
 from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
-from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
+from batchjob.serve_formats import (
+    Parsed,
+    RequestError,
+    encode,
+    parse,
+    request_type,
+    response_type,
+)
 from batchjob.serve_limits import NoSlot, SendTimeout, Slots, read_body, send_body
+from batchjob.serve_pairs import encode_pairs, parse_pairs
 from batchjob.sinks import check_keep_columns, task_names
 
 log = logging.getLogger("batchjob.serve")
@@ -116,20 +125,32 @@ def build_app(state: _State) -> web.Application:
                 )
                 size_in = len(body)
                 keep = spec.output_format.keep_columns
-                parsed = await asyncio.to_thread(
-                    parse, kind, body, spec.text_field, artifact.task, keep
-                )
-                del body
-                results = await engine.infer(parsed.records, state.options)
-                payload = await asyncio.to_thread(
-                    encode,
-                    response.content_type,
-                    parsed,
-                    results,
-                    artifact.task,
-                    artifact.labels,
-                    keep,
-                )
+                head = engine.head
+                if isinstance(head, ZeroShot | Ranking):  # serve_pairs.py: their own shapes
+                    asked = await asyncio.to_thread(
+                        parse_pairs, kind, body, spec.text_field, head, keep
+                    )
+                    del body
+                    results = await engine.infer(asked.records, state.options, asked.zero_shot)
+                    payload = await asyncio.to_thread(
+                        encode_pairs, response.content_type, asked, results, keep
+                    )
+                    parsed: Parsed = asked
+                else:
+                    parsed = await asyncio.to_thread(
+                        parse, kind, body, spec.text_field, artifact.task, keep
+                    )
+                    del body
+                    results = await engine.infer(parsed.records, state.options)
+                    payload = await asyncio.to_thread(
+                        encode,
+                        response.content_type,
+                        parsed,
+                        results,
+                        artifact.task,
+                        artifact.labels,
+                        keep,
+                    )
                 records = len(results)
                 errors = sum(r.error is not None for r in results)
                 truncated = sum(r.truncated for r in results)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 import numpy as np
 import pyarrow as pa
 
+from batchjob.pair_tasks import Ranking, ZeroShot
+
 if TYPE_CHECKING:  # artifact.py imports config.py, which imports output_format.py and this
     from batchjob.artifact import Artifact
     from batchjob.embeddings import Embedder
@@ -111,7 +113,7 @@ class Embeddings:
         return {} if self.embedder is None else {"embedding": self.embedder.describe()}
 
 
-Head = Classification | Embeddings
+Head = Classification | Embeddings | ZeroShot | Ranking  # pair_tasks.py: the last two
 
 
 def default_head(artifact: Artifact) -> Head:

@@ -142,6 +142,10 @@ class RecordTokenizer:
         l1, l2 = longest_first(n1, n2, keep, order)
         return self._framed(ids[:l1], pair_ids[:l2], truncated=True)
 
+    def framed(self, ids: list[int], pair_ids: list[int] | None, truncated: bool) -> Encoded:
+        """Raw token ids of a text (and its pair) with the special tokens around them."""
+        return self._framed(ids, pair_ids, truncated)
+
     def _framed(self, ids: list[int], pair_ids: list[int] | None, truncated: bool) -> Encoded:
         frame = self._frame(len(ids), None if pair_ids is None else len(pair_ids))
         texts = (iter(ids), iter(pair_ids or []))

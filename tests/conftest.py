@@ -27,7 +27,12 @@ from batchjob.config import CompileSpec
 
 # The real S3/SQS server (moto on loopback) and its fixtures: `moto_server`, `s3_env`,
 # `bucket`, `proxy`, `queues`, for every test module that asks for them.
-pytest_plugins = ("tests.s3_server", "tests.sqs_queues", "tests.tokenizer_families")
+pytest_plugins = (
+    "tests.s3_server",
+    "tests.sqs_queues",
+    "tests.tokenizer_families",
+    "tests.pair_models",  # nli_dir, cross_encoder_dir
+)
 
 LABELS = ("negative", "neutral", "positive")
 WORDS = tuple(
