@@ -83,7 +83,18 @@ EQUIVALENTS: list[tuple[str, str, list[str]]] = [
     ("BATCHJOB_EMBEDDING_RANGES", "ranges.json", ["--embedding-ranges", "ranges.json"]),
     ("BATCHJOB_MULTI_LABEL", "true", ["--multi-label"]),
     ("BATCHJOB_THRESHOLD", "0.3", ["--multi-label", "--threshold", "0.3"]),
+    ("BATCHJOB_CANDIDATE_LABELS", "a,b", ["--candidate-labels", "a,b"]),
+    ("BATCHJOB_CANDIDATE_LABELS_FIELD", "labels", ["--candidate-labels-field", "labels"]),
+    ("BATCHJOB_HYPOTHESIS_TEMPLATE", "It is {}.", ["--hypothesis-template", "It is {}."]),
+    ("BATCHJOB_GROUP_FIELD", "qid", ["--group-field", "qid"]),
 ]
+# The task each pair option belongs to (pair_tasks.py).
+PAIR_TASKS = {
+    "BATCHJOB_CANDIDATE_LABELS": "zero-shot-classification",
+    "BATCHJOB_CANDIDATE_LABELS_FIELD": "zero-shot-classification",
+    "BATCHJOB_HYPOTHESIS_TEMPLATE": "zero-shot-classification",
+    "BATCHJOB_GROUP_FIELD": "text-ranking",
+}
 
 
 def flags(argv: list[str]) -> dict[str, Any]:
@@ -104,6 +115,8 @@ def test_a_variable_sets_what_its_flag_sets(
     if variable == "BATCHJOB_THRESHOLD":
         base += ["--multi-label"]
         argv = argv[1:]
+    if variable in PAIR_TASKS:
+        base += ["--task", PAIR_TASKS[variable]]
     if variable == "BATCHJOB_MODEL":
         base = []  # (no /opt/ml/model here: without it, no model at all)
     from_environment = serve_spec(flags(base), {variable: text})
