@@ -346,7 +346,7 @@ def test_s3_run_removes_its_temp_files_on_sigterm(
                 assert time.monotonic() < deadline, "no shard done in time"
                 time.sleep(0.05)
             proc.terminate()
-            assert proc.wait(timeout=60) == 1
+            assert proc.wait(timeout=180) == 1  # generous: a loaded machine is slow to stop
         finally:
             if proc.poll() is None:
                 proc.kill()
