@@ -50,7 +50,7 @@ demo: install
 		--long-documents chunk
 	$(BIN)/python examples/show.py out/demo-long examples/long
 
-# The bench's peers (Ray Data) are its own extra: `make install` and `make test` never need them.
+# The bench's extra (Ray Data, which the dev extra has too, for tests/test_ray.py).
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'

@@ -78,12 +78,7 @@ async def write_shard(
             documents += 1
             counts.windows += result.windows
             counts.split += result.windows > 1
-            if not result.chunks:
-                rows.append(
-                    Row(record.id, result.values, result.truncated, result.error, kept=record.kept)
-                )
-            for span, values in result.chunks:
-                rows.append(Row(record.id, values, False, None, astuple(span), record.kept))
+            rows.extend(result_rows(record, result))
         if len(rows) >= ROWS_PER_WRITE or not pending:
             writer.write(row_columns(task_names, rows, chunked, keep))
             counts.documents += documents
@@ -118,6 +113,17 @@ async def write_shard(
     else:
         counts.existing = 1
     return counts
+
+
+def result_rows(record: Record, result: Result) -> list[Row]:
+    """A record's output rows: one, or with `--long-documents chunk` one per window, each
+    carrying the record's kept values."""
+    if not result.chunks:
+        return [Row(record.id, result.values, result.truncated, result.error, kept=record.kept)]
+    return [
+        Row(record.id, values, False, None, astuple(span), record.kept)
+        for span, values in result.chunks
+    ]
 
 
 def chunked(records: list[Record], size: int) -> Iterator[list[Record]]:
