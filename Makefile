@@ -59,7 +59,7 @@ $(BENCH_STAMP): $(STAMP)
 # Each script compares with `batchjob run` measured in the same script, on the same corpus,
 # prints its targets and exits 1 if one is missed; every script runs, and `make bench` fails
 # at the end if any missed.
-BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench long_bench
+BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench long_bench ray_bench
 bench: $(BENCH_STAMP)
 	@missed=""; for b in $(BENCHES); do \
 		echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || missed="$$missed $$b"; \
