@@ -6,7 +6,7 @@ torch thread: the peer), or, with `--predictor ARTIFACT`, `batchjob.ray.Predicto
 compiled artifact (one replica, one torch thread).
 
     python bench/ray_row.py --model DIR --input DIR --output DIR --actors 2 --batch-size 8
-    python bench/ray_row.py --predictor ARTIFACT --input DIR --output DIR --actors 2 --block 256
+    python bench/ray_row.py --predictor ARTIFACT --input DIR --output DIR --actors 2 --block 300
 """
 
 from __future__ import annotations
