@@ -52,7 +52,7 @@ demo: install
 	# zero-shot-classification and text-ranking over tiny random-weight models: the mechanics.
 	$(BIN)/python examples/pairs_demo.py out
 
-# The bench's peers (Ray Data) are its own extra: `make install` and `make test` never need them.
+# The bench's extra (Ray Data, which the dev extra has too, for tests/test_ray.py).
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
@@ -61,7 +61,7 @@ $(BENCH_STAMP): $(STAMP)
 # Each script compares with `batchjob run` measured in the same script, on the same corpus,
 # prints its targets and exits 1 if one is missed; every script runs, and `make bench` fails
 # at the end if any missed.
-BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench long_bench pairs_bench
+BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench long_bench pairs_bench ray_bench
 bench: $(BENCH_STAMP)
 	@missed=""; for b in $(BENCHES); do \
 		echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || missed="$$missed $$b"; \

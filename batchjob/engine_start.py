@@ -42,19 +42,27 @@ def open_artifact(spec: EngineSpec) -> tuple[Artifact, list[Placement]]:
     with both. An s3:// model is fetched into the cache first (model_location.py)."""
     owner = getattr(spec, "expected_bucket_owner", None)  # run and worker have one
     compile = local_compile_spec(spec.compile, spec.cache_dir, expected_bucket_owner=owner)
-    if is_artifact(compile.model):
-        artifact = load_artifact(compile.model)
+    artifact = resolve_artifact(compile, spec.cache_dir)
+    device = backend_device(artifact.backend)
+    return artifact, plan_placements(spec.replicas, spec.cores_per_replica, device)
+
+
+def resolve_artifact(spec: CompileSpec, cache_dir: str) -> Artifact:
+    """The artifact of `spec.model` (verified, or compiled first into the cache), checked
+    against `spec.task`: `open_artifact` without the placements (a Ray Data actor is one
+    replica, placed by Ray). `spec.model` is local here."""
+    if is_artifact(spec.model):
+        artifact = load_artifact(spec.model)
     else:
         from batchjob.compile import ensure_artifact
 
-        artifact = ensure_artifact(compile, spec.cache_dir)
-    task = compile.task
-    if task is not None and artifact.task != task:
+        artifact = ensure_artifact(spec, cache_dir)
+    if spec.task is not None and artifact.task != spec.task:
         raise UsageError(
-            f"--task is {task} but the artifact {artifact.path} was compiled for {artifact.task}"
+            f"--task is {spec.task} but the artifact {artifact.path} was compiled for "
+            f"{artifact.task}"
         )
-    device = backend_device(artifact.backend)
-    return artifact, plan_placements(spec.replicas, spec.cores_per_replica, device)
+    return artifact
 
 
 async def start_engine(

@@ -83,13 +83,9 @@ async def write_shard(
             documents += 1
             counts.windows += result.windows
             counts.split += result.windows > 1
-            if not result.chunks:
-                rows.append(
-                    Row(record.id, result.values, result.truncated, result.error, kept=record.kept)
-                )
-                groups.append(record.group)
-            for span, values in result.chunks:
-                rows.append(Row(record.id, values, False, None, astuple(span), record.kept))
+            new = result_rows(record, result)
+            rows.extend(new)
+            groups.extend([record.group] * len(new))
         if (len(rows) >= ROWS_PER_WRITE and not ranked) or not pending:
             if ranked:
                 assign_ranks([row.values for row in rows], groups)
@@ -129,6 +125,17 @@ async def write_shard(
     else:
         counts.existing = 1
     return counts
+
+
+def result_rows(record: Record, result: Result) -> list[Row]:
+    """A record's output rows: one, or with `--long-documents chunk` one per window, each
+    carrying the record's kept values."""
+    if not result.chunks:
+        return [Row(record.id, result.values, result.truncated, result.error, kept=record.kept)]
+    return [
+        Row(record.id, values, False, None, astuple(span), record.kept)
+        for span, values in result.chunks
+    ]
 
 
 def chunked(records: list[Record], size: int) -> Iterator[list[Record]]:

@@ -265,6 +265,24 @@ def _record(
     return Record(record_id, text, pair, kept=kept, candidate_labels=labels, group=group)
 
 
+def row_record(
+    values: Mapping[str, object],
+    fields: Fields,
+    record_id: str,
+    types: Mapping[str, str],
+    kept: tuple[Any, ...] | None = None,
+) -> Record:
+    """The record of one row of a table that is not a file (a Ray Data batch): its text
+    checked as a file's row's (`types`: the columns' Arrow types, for the message); an error
+    names the problem alone, the row being its own place."""
+    try:
+        text = _text(values, fields.text, types)
+        pair = None if fields.text_pair is None else _text(values, fields.text_pair, types)
+    except _Bad as e:
+        return Record(record_id, None, error=str(e), kept=kept)
+    return Record(record_id, text, pair, kept=kept)
+
+
 def _kept(value: object) -> object:
     """A kept column's value: strings and Parquet's typed scalars as they are, null as null,
     any other JSON value as its JSON text (the output's column is a string column)."""

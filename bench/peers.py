@@ -56,13 +56,26 @@ class RayResult:
 
 
 def ray_data(
-    model: Path, input_dir: Path, output_dir: Path, actors: int, batch_size: int, max_length: int
+    model: Path,
+    input_dir: Path,
+    output_dir: Path,
+    actors: int,
+    batch_size: int,
+    max_length: int,
+    *,
+    predictor: Path | None = None,
+    block: int | None = None,
 ) -> RayResult:
-    """bench/ray_row.py in a subprocess, timed from its start to its exit."""
+    """bench/ray_row.py in a subprocess, timed from its start to its exit: the pipeline's
+    row, or with `predictor` (an artifact) batchjob's Predictor's. `block`: documents per
+    map_batches call (ray_row.py's default unless given)."""
     result = output_dir.with_suffix(".json")
-    command = [sys.executable, str(RAY_ROW), "--model", str(model), "--input", str(input_dir)]
+    chosen = ["--model", str(model)] if predictor is None else ["--predictor", str(predictor)]
+    command = [sys.executable, str(RAY_ROW), *chosen, "--input", str(input_dir)]
     command += ["--output", str(output_dir), "--actors", str(actors), "--result", str(result)]
     command += ["--batch-size", str(batch_size), "--max-length", str(max_length)]
+    if block is not None:
+        command += ["--block", str(block)]
     started = time.perf_counter()
     proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - started

@@ -1,9 +1,12 @@
-"""The Ray Data peer, run as its own process so that its start-up is part of its time:
+"""The Ray Data rows, each run as its own process so that its start-up is part of its time:
 `ray.init` with local resources only (no dashboard), the corpus's jsonl shards read with
-`ray.data.read_json`, a pool of actors each holding a tokenizer and the model (transformers'
-`pipeline` in bf16, one torch thread) fed by `map_batches`, the labels written as Parquet.
+`ray.data.read_json`, a pool of actors fed by `map_batches`, the labels written as Parquet.
+Each actor holds either a tokenizer and the model (transformers' `pipeline` in bf16, one
+torch thread: the peer), or, with `--predictor ARTIFACT`, `batchjob.ray.Predictor` over the
+compiled artifact (one replica, one torch thread).
 
     python bench/ray_row.py --model DIR --input DIR --output DIR --actors 2 --batch-size 8
+    python bench/ray_row.py --predictor ARTIFACT --input DIR --output DIR --actors 2 --block 300
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class Classifier:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="the model directory (the pipeline's row)")
+    p.add_argument("--predictor", help="a compiled artifact: batchjob.ray.Predictor's row")
     p.add_argument("--input", required=True, help="a directory of jsonl shards")
     p.add_argument("--output", required=True)
     p.add_argument("--actors", type=int, default=2)
@@ -49,6 +53,8 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--result", required=True, help="write the timings here as JSON")
     args = p.parse_args()
+    if (args.model is None) == (args.predictor is None):
+        p.error("give --model (the pipeline) or --predictor (batchjob's Predictor)")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
     import ray
 
@@ -66,13 +72,27 @@ def main() -> int:
     paths = sorted(os.path.join(args.input, f) for f in os.listdir(args.input))
     # Each actor holds 0.9 of a CPU so that Ray's read and write tasks (0.05 each) can be
     # scheduled beside the pool: with whole CPUs they would wait for an actor to finish.
-    dataset = ray.data.read_json(paths, ray_remote_args={"num_cpus": 0.05}).map_batches(
-        Classifier,
-        fn_constructor_args=(args.model, args.batch_size, args.max_length),
-        batch_size=args.block,
-        concurrency=args.actors,
-        num_cpus=0.9,
-    )
+    read = ray.data.read_json(paths, ray_remote_args={"num_cpus": 0.05})
+    if args.predictor is None:
+        dataset = read.map_batches(
+            Classifier,
+            fn_constructor_args=(args.model, args.batch_size, args.max_length),
+            batch_size=args.block,
+            concurrency=args.actors,
+            num_cpus=0.9,
+        )
+    else:
+        from batchjob.ray import Predictor
+
+        # The same actors (0.9 of a CPU each: one torch thread); Arrow batches in and out.
+        dataset = read.map_batches(
+            Predictor,
+            fn_constructor_kwargs={"model": args.predictor},
+            batch_format="pyarrow",
+            batch_size=args.block,
+            concurrency=args.actors,
+            num_cpus=0.9,
+        )
     dataset.write_parquet(args.output, ray_remote_args={"num_cpus": 0.05})
     done = time.perf_counter()
     import pyarrow.parquet as pq
