@@ -55,6 +55,12 @@ def require(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def require_one_input(input: str, input_manifest: str | None) -> None:
+    """`--input` or `--input-manifest`: one of them, not both."""
+    require(bool(input) or bool(input_manifest), "--input is required (or --input-manifest)")
+    require(not (input and input_manifest), "--input and --input-manifest exclude each other")
+
+
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     require(value in choices, f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
@@ -203,14 +209,7 @@ class RunSpec:
         check_account_id(self.expected_bucket_owner)
         _ = self.part  # a malformed --partition is refused here
         hourly_price(self.price_per_hour, self.instance_type)  # and a bad price
-        require(
-            bool(self.input) or bool(self.input_manifest),
-            "--input is required (or --input-manifest)",
-        )
-        require(
-            not (self.input and self.input_manifest),
-            "--input and --input-manifest exclude each other",
-        )
+        require_one_input(self.input, self.input_manifest)
         require(bool(self.output), "--output is required")
         _choice("--format", self.format, ("auto", "jsonl", "csv", "parquet", "txt"))
         _choice("--progress", self.progress, ("auto", "bar", "log", "none"))

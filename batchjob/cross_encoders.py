@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from batchjob.errors import UsageError
 from batchjob.pair_tasks import TEXT_RANKING
+from batchjob.prompts import config_json
 
 if TYPE_CHECKING:
     from batchjob.artifact import Artifact
@@ -40,10 +41,10 @@ def cross_encoder_activation(artifact: Artifact) -> str:
 
 
 def _saved_activation(root: str) -> str | None:
-    saved = _json(os.path.join(root, CROSS_ENCODER_FILE)).get("activation_fn")
+    saved = config_json(os.path.join(root, CROSS_ENCODER_FILE)).get("activation_fn")
     if isinstance(saved, str):
         return saved
-    config = _json(os.path.join(root, "config.json"))
+    config = config_json(os.path.join(root, "config.json"))
     st = config.get("sentence_transformers")
     if isinstance(st, dict) and isinstance(st.get("activation_fn"), str):
         return str(st["activation_fn"])
@@ -55,27 +56,20 @@ def write_cross_encoder_config(model: str, artifact_dir: str) -> None:
     """Compiling: a sentence-transformers model directory's saved activation_fn, kept."""
     if not os.path.isdir(model):
         return
-    found = _json(os.path.join(model, "config_sentence_transformers.json")).get("activation_fn")
+    found = config_json(os.path.join(model, "config_sentence_transformers.json")).get(
+        "activation_fn"
+    )
     if isinstance(found, str):
         with open(os.path.join(artifact_dir, CROSS_ENCODER_FILE), "w", encoding="utf-8") as f:
             json.dump({"activation_fn": found}, f)
             f.write("\n")
 
 
-def _json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def is_cross_encoder(model: str) -> bool:
     """A directory sentence-transformers saved from a CrossEncoder (a sequence classifier,
     though it has a modules.json)."""
-    config = _json(os.path.join(model, "config_sentence_transformers.json"))
-    module = _json(os.path.join(model, "sentence_bert_config.json"))
+    config = config_json(os.path.join(model, "config_sentence_transformers.json"))
+    module = config_json(os.path.join(model, "sentence_bert_config.json"))
     return (
         config.get("model_type") == "CrossEncoder"
         or module.get("transformer_task") == "sequence-classification"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batchjob.config import check_account_id, require
+from batchjob.config import check_account_id, require, require_one_input
 from batchjob.job_records import check_job_id, default_job_id
 from batchjob.prices import hourly_price
 
@@ -36,14 +36,7 @@ class SubmitSpec:
         require(bool(self.queue), "--queue is required")
         require(bool(self.output), "--output is required")
         _s3("--output", self.output)
-        require(
-            bool(self.input) or bool(self.input_manifest),
-            "--input is required (or --input-manifest)",
-        )
-        require(
-            not (self.input and self.input_manifest),
-            "--input and --input-manifest exclude each other",
-        )
+        require_one_input(self.input, self.input_manifest)
         if self.input:
             _s3("--input", self.input)
         require(

@@ -49,6 +49,7 @@ from batchjob.config import CompileSpec
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.s3 import BODY_RESUMES, S3, S3Error, S3Url, is_s3, s3_error
 from batchjob.safe_tar import COPY_BYTES, flush, unpack
+from batchjob.staging import fsync_path
 
 log = logging.getLogger("batchjob.model_location")
 T = TypeVar("T")
@@ -159,9 +160,9 @@ class _Fetch:
             try:
                 record = _in_own_loop(self._download(version, staging))
                 _write_json(os.path.join(staging, RECORD), record)
-                _fsync(staging)
+                fsync_path(staging)
                 os.rename(staging, entry)  # whole, or not at all
-                _fsync(self.slot)
+                fsync_path(self.slot)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -343,11 +344,3 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

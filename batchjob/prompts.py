@@ -42,12 +42,12 @@ def read_model_prompts(model: str) -> ModelPrompts:
     default = None
     if os.path.exists(os.path.join(model, "modules.json")):  # a sentence-transformers model
         prompts = {"query": "", "document": ""}
-    config = _json(os.path.join(model, "config_sentence_transformers.json"))
+    config = config_json(os.path.join(model, "config_sentence_transformers.json"))
     if isinstance(config.get("prompts"), dict):
         prompts |= {str(k): str(v or "") for k, v in config["prompts"].items()}
     if isinstance(config.get("default_prompt_name"), str):
         default = config["default_prompt_name"]
-    pooling = _json(os.path.join(model, "1_Pooling", "config.json"))
+    pooling = config_json(os.path.join(model, "1_Pooling", "config.json"))
     return ModelPrompts(prompts, default, bool(pooling.get("include_prompt", True)))
 
 
@@ -64,7 +64,7 @@ def write_prompts(model: str, artifact_dir: str) -> None:
 
 
 def artifact_prompts(artifact: Artifact) -> ModelPrompts:
-    data = _json(os.path.join(artifact.path, PROMPTS_FILE))
+    data = config_json(os.path.join(artifact.path, PROMPTS_FILE))
     prompts = data.get("prompts")
     default = data.get("default_prompt_name")
     return ModelPrompts(
@@ -74,7 +74,8 @@ def artifact_prompts(artifact: Artifact) -> ModelPrompts:
     )
 
 
-def _json(path: str) -> dict[str, Any]:
+def config_json(path: str) -> dict[str, Any]:
+    """A model's optional JSON config file: {} when absent, unreadable or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

@@ -112,7 +112,7 @@ def _parse_jsonlines(body: bytes, text_field: str, keep: tuple[str, ...] = ()) -
     records = []
     for n, raw in enumerate(body.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
         if raw.strip():  # blank lines are not records, as in `run`
-            record = _jsonlines_record(raw, n, text_field, keep)
+            record = jsonlines_record(raw, n, text_field, keep)
             records.append(record)
     return records
 
@@ -128,7 +128,7 @@ def _error(n: int, problem: str) -> Record:
     return Record(str(n), None, error=f"line {n}: {problem}")
 
 
-def _jsonlines_record(raw: bytes, n: int, text_field: str, keep: tuple[str, ...] = ()) -> Record:
+def jsonlines_record(raw: bytes, n: int, text_field: str, keep: tuple[str, ...] = ()) -> Record:
     try:
         text = raw.decode()
     except UnicodeDecodeError as e:
@@ -145,7 +145,7 @@ def _jsonlines_record(raw: bytes, n: int, text_field: str, keep: tuple[str, ...]
             return replace(_error(n, f"missing field {text_field!r}"), kept=kept)
         value = value[text_field]
     elif not isinstance(value, str):
-        return _error(n, f"expected a JSON object or string, got {_kind(value)}")
+        return _error(n, f"expected a JSON object or string, got {value_kind(value)}")
     try:
         text, pair = _input(value, f"field {text_field!r}")
     except RequestError as e:
@@ -153,7 +153,7 @@ def _jsonlines_record(raw: bytes, n: int, text_field: str, keep: tuple[str, ...]
     return Record(str(n), text, pair, kept=kept)
 
 
-def _kind(value: object) -> str:
+def value_kind(value: object) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
 
@@ -166,8 +166,10 @@ def _input(value: object, where: str) -> tuple[str, str | None]:
         pair = value.get("text_pair")
         if pair is None or isinstance(pair, str):
             return value["text"], pair
-        raise RequestError(f"{where}: text_pair must be a string, got {_kind(pair)}")
-    raise RequestError(f"{where} must be a string or {{'text', 'text_pair'}}, got {_kind(value)}")
+        raise RequestError(f"{where}: text_pair must be a string, got {value_kind(pair)}")
+    raise RequestError(
+        f"{where} must be a string or {{'text', 'text_pair'}}, got {value_kind(value)}"
+    )
 
 
 # -- text/csv ---------------------------------------------------------------------------------
@@ -191,7 +193,8 @@ def _parse_csv(body: bytes, text_field: str, keep: tuple[str, ...] = ()) -> list
 # -- application/json (the Hugging Face inference toolkit) ------------------------------------
 
 
-def _parse_toolkit(body: bytes, task: str) -> Parsed:
+def toolkit_body(body: bytes) -> dict[str, Any]:
+    """A toolkit request's `{"inputs": ..., "parameters": {...}}`, parameters an object."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -202,7 +205,14 @@ def _parse_toolkit(body: bytes, task: str) -> Parsed:
         raise RequestError('expected a JSON object {"inputs": ..., "parameters": {...}}')
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise RequestError(f"parameters must be an object, got {_kind(parameters)}")
+        raise RequestError(f"parameters must be an object, got {value_kind(parameters)}")
+    data["parameters"] = parameters
+    return data
+
+
+def _parse_toolkit(body: bytes, task: str) -> Parsed:
+    data = toolkit_body(body)
+    parameters = data["parameters"]
     top_k = parameters.get("top_k")
     unknown = sorted(set(parameters) - {"top_k", *_IGNORED_PARAMETERS})
     if unknown:

@@ -48,9 +48,10 @@ from batchjob.serve_formats import (
     Parsed,
     RequestError,
     Toolkit,
-    _jsonlines_record,
-    _kind,
+    jsonlines_record,
     record_object,
+    toolkit_body,
+    value_kind,
 )
 
 
@@ -69,7 +70,7 @@ def parse_pairs(
     kind: str, body: bytes, text_field: str, head: ZeroShot | Ranking, keep: tuple[str, ...] = ()
 ) -> PairRequest:
     if kind == JSON:
-        data = _toolkit_body(body)
+        data = toolkit_body(body)
         if isinstance(head, ZeroShot):
             return _zero_shot_request(data, head)
         return _ranking_request(data)
@@ -96,7 +97,7 @@ def _jsonlines_records(
     for n, raw in enumerate(body.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
         if not raw.strip():
             continue
-        record = _jsonlines_record(raw, n, text_field, keep)
+        record = jsonlines_record(raw, n, text_field, keep)
         if record.error is None and (labels_field or group_field):
             value = json.loads(raw)  # parsed once already: valid
             if isinstance(value, dict):
@@ -147,22 +148,6 @@ def _csv_records(
 # -- the toolkits' JSON -----------------------------------------------------------------------
 
 
-def _toolkit_body(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(f"invalid JSON body: {e}") from None
-    except RecursionError:
-        raise RequestError("invalid JSON body: nested too deeply") from None
-    if not isinstance(data, dict) or "inputs" not in data:
-        raise RequestError('expected a JSON object {"inputs": ..., "parameters": {...}}')
-    parameters = data.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise RequestError(f"parameters must be an object, got {_kind(parameters)}")
-    data["parameters"] = parameters
-    return data
-
-
 def _unknown(parameters: dict[str, Any], known: tuple[str, ...]) -> None:
     unknown = sorted(set(parameters) - {*known, "truncation"})
     if unknown:
@@ -208,7 +193,7 @@ def _request_labels(value: object) -> tuple[str, ...]:
         labels = list(value)
     else:
         raise RequestError(
-            f"parameters.candidate_labels must be a list of strings, got {_kind(value)}"
+            f"parameters.candidate_labels must be a list of strings, got {value_kind(value)}"
         )
     if not labels:
         raise RequestError("parameters.candidate_labels holds no labels")
@@ -226,7 +211,7 @@ def _ranking_request(data: dict[str, Any]) -> PairRequest:
     if isinstance(inputs, dict) and "query" in inputs:
         query, texts = inputs.get("query"), inputs.get("texts")
         if not isinstance(query, str):
-            raise RequestError(f"inputs.query must be a string, got {_kind(query)}")
+            raise RequestError(f"inputs.query must be a string, got {value_kind(query)}")
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not texts:
             raise RequestError("inputs.texts must be a non-empty list of strings")
         records = [Record(str(i), query, text) for i, text in enumerate(texts)]
@@ -254,7 +239,7 @@ def _pair(value: object, where: str) -> tuple[str, str]:
         if isinstance(text, str) and isinstance(pair, str):
             return text, pair
     raise RequestError(
-        f'{where} must be [query, passage] or {{"text", "text_pair"}}, got {_kind(value)}'
+        f'{where} must be [query, passage] or {{"text", "text_pair"}}, got {value_kind(value)}'
     )
 
 

@@ -43,7 +43,7 @@ def publish(staging: str, output: str, *, shared: bool) -> bool:
         if shared and is_artifact(output):
             return False
         raise UsageError(f"--output {output} exists and is not an empty directory") from None
-    _fsync(os.path.dirname(os.path.abspath(output)))
+    fsync_path(os.path.dirname(os.path.abspath(output)))
     return True
 
 
@@ -52,11 +52,11 @@ def _fsync_tree(root: str) -> None:
     never there with empty files."""
     for folder, _, names in os.walk(root):
         for name in names:
-            _fsync(os.path.join(folder, name))
-        _fsync(folder)
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
