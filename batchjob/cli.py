@@ -52,7 +52,9 @@ def _integer(text: str) -> int:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
     p.add_argument("--model", default=S, help="artifact directory, model directory or hub id")
-    p.add_argument("--task", default=S, help="text-classification or feature-extraction")
+    p.add_argument(
+        "--task", default=S, help="text-classification, token-classification or feature-extraction"
+    )
     p.add_argument("--backend", default=S, help="cpu (default), neuron (Inf1), neuronx (Inf2/Trn1)")
     p.add_argument("--dtype", default=S, help="auto (default: bf16 where native), fp32, bf16")
     p.add_argument("--batch-size", type=_integer, default=S, help="rows per batch (6)")
@@ -133,6 +135,11 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threshold", type=float, default=S, help="multi-label: a label's score to be in labels"
+    )
+    p.add_argument(
+        "--aggregation",
+        default=S,
+        help="token-classification: none, simple (default), first, average, max",
     )
 
 

@@ -22,7 +22,7 @@ from batchjob.output_format import OUTPUT_FIELDS, OutputFormat, output_format
 
 log = logging.getLogger("batchjob.config")
 
-TASKS = ("text-classification", "feature-extraction")
+TASKS = ("text-classification", "feature-extraction", "token-classification")
 BACKENDS = ("cpu", "neuron", "neuronx")
 DTYPES = ("auto", "fp32", "bf16")
 # sentence-transformers' pooling modes (its Pooling.POOLING_MODES), in its order.

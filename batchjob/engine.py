@@ -33,6 +33,7 @@ import numpy as np
 
 from batchjob.artifact import Artifact
 from batchjob.batching import Batch, Batcher, Item, make_batcher
+from batchjob.entities import Entity, TokenSpans
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.long_documents import Failed, TextOptions, Unit, plan_units, prompted
 from batchjob.records import Record
@@ -40,6 +41,8 @@ from batchjob.results import Ran, Span, assemble
 from batchjob.results import Result as Result
 from batchjob.startup import mark
 from batchjob.tasks import Head, default_head
+from batchjob.token_classification import COLUMN, TokenClassification, assemble_entities
+from batchjob.token_spans import refuse_pairs, token_rows
 from batchjob.tokens import RecordTokenizer
 
 log = logging.getLogger("batchjob.engine")
@@ -84,6 +87,9 @@ class _Call:
     done: asyncio.Future[None]
     remaining: int = 0
     raw: dict[int, np.ndarray] | None = None  # windowed calls: the graph's output per unit
+    # Token classification: each item's token spans, and (windowed) each unit's entities.
+    spans: dict[int, TokenSpans] | None = None
+    found: dict[int, list[Entity]] | None = None
 
     def fail(self, error: BaseException) -> None:
         if not self.done.done():
@@ -125,6 +131,9 @@ class Engine:
         self.head = head or default_head(artifact)
         self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
+        self.token_head = self.head if isinstance(self.head, TokenClassification) else None
+        if self.token_head is not None:
+            self.tokenizer.keep_spans()
         # the output's columns
         self.task_names = [f.name for f in self.head.fields()]
         self.stats = EngineStats()
@@ -199,6 +208,8 @@ class Engine:
         self._active += 1
         self._idle.clear()
         try:
+            if self.token_head is not None:
+                records = refuse_pairs(list(records))
             if options.windowed:
                 return await self._infer_windows(list(records), options)
             if options.prompt:
@@ -216,12 +227,16 @@ class Engine:
         encoded = await asyncio.to_thread(self.tokenizer.encode, records)
         n = len(records)
         call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future())
+        if self.token_head is not None:
+            call.spans = {}
         items = []
         for i, (record, enc) in enumerate(zip(records, encoded, strict=True)):
             if enc is None:
                 call.results[i] = Result(None, error=record.error, windows=0)
             else:
                 call.truncated[i] = enc.truncated
+                if call.spans is not None and enc.spans is not None:
+                    call.spans[i] = enc.spans
                 items.append(Item((call, i), enc.ids, enc.type_ids))
         call.remaining = len(items)
         self.stats.records += len(items)
@@ -252,6 +267,8 @@ class Engine:
         mark("first records in", once=True)
         n = len(records)
         call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future(), raw={})
+        if self.token_head is not None:
+            call.spans, call.found = {}, {}
         units: list[Ran] = []
         failed: dict[int, str] = {}
         planned = plan_units(self.tokenizer, records, options)
@@ -266,6 +283,9 @@ class Engine:
                         failed[unit.record] = unit.error
                         continue
                     enc = unit.encoded
+                    if call.spans is not None and enc.spans is not None:
+                        # Offsets into the whole text: entities of windows merge there.
+                        call.spans[len(units)] = enc.spans.shifted(unit.char_start)
                     items.append(Item((call, len(units)), enc.ids, enc.type_ids))
                     span = Span(unit.chunk, unit.char_start, unit.char_end)
                     units.append(Ran(unit.record, span, len(enc.ids)))
@@ -281,6 +301,8 @@ class Engine:
             call.done.cancel()
             raise
         assert call.raw is not None
+        if call.found is not None:
+            return assemble_entities(records, units, failed, call.found)
         return assemble(self.head, records, units, failed, call.raw, options.long_documents)
 
     async def _enqueue(self, batch: Batch) -> None:
@@ -344,13 +366,18 @@ class Engine:
         if (error := future.exception()) is not None:
             self._fail(batch, error)
             return
+        if self.token_head is not None:
+            self._deliver_entities(batch, future.result(), self.token_head)
+            return
         try:
             outputs = future.result()
             rows = np.flatnonzero(batch.valid)
             # Windowed calls take the graph's outputs as they are: their values are made when
             # the record's windows are put together (results.assemble), the head's columns last.
             plain = [row for row in rows if cast(_Key, batch.keys[row])[0].raw is None]
-            columns = self.head.columns(outputs[plain]) if plain else {}
+            head = self.head
+            assert not isinstance(head, TokenClassification)  # _deliver_entities
+            columns = head.columns(outputs[plain]) if plain else {}
         except Exception as e:  # a callback's exception would only be logged: callers would hang
             shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
             self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))
@@ -366,6 +393,30 @@ class Engine:
                 call.results[i] = Result(
                     {name: col[place[row]] for name, col in columns.items()}, call.truncated[i]
                 )
+            call.remaining -= 1
+            if not call.remaining:
+                call.done.set_result(None)
+
+    def _deliver_entities(
+        self, batch: Batch, outputs: np.ndarray, head: TokenClassification
+    ) -> None:
+        """Per-token logits → each record's entities (or a window's, kept to be merged)."""
+        keys = [(row, cast(_Key, key)) for row, key in enumerate(batch.keys) if key is not None]
+        try:
+            logits = token_rows(batch, outputs)
+            spans = [cast(dict[int, TokenSpans], call.spans)[i] for _, (call, i) in keys]
+            found = head.entity_columns([logits[row] for row, _ in keys], spans)[COLUMN]
+        except Exception as e:  # a callback's exception would only be logged: callers would hang
+            shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
+            self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))
+            return
+        for (_, (call, i)), entities in zip(keys, found, strict=True):
+            if call.done.done():
+                continue
+            if call.found is not None:
+                call.found[i] = entities
+            else:
+                call.results[i] = Result({COLUMN: entities}, call.truncated[i])
             call.remaining -= 1
             if not call.remaining:
                 call.done.set_result(None)

@@ -41,6 +41,7 @@ from batchjob.sinks import check_keep_columns, output_schema_source, task_names
 from batchjob.startup import mark
 from batchjob.storage import OpenShard, Storage
 from batchjob.tasks import Head
+from batchjob.token_classification import chunk_rows
 
 log = logging.getLogger("batchjob.run")
 
@@ -116,7 +117,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         mark("artifact verified")
         keep = spec.output_format.keep_columns
         head = make_head(artifact, spec.output_format, calibrate=True)
-        chunked = options.long_documents == "chunk"
+        chunked = chunk_rows(head, options.long_documents)
         check_keep_columns(keep, task_names(head), "--keep-columns", chunked)
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])

@@ -70,6 +70,8 @@ HF_TASKS = {
     "sentiment-analysis": "text-classification",
     "feature-extraction": "feature-extraction",
     "sentence-embeddings": "feature-extraction",
+    "token-classification": "token-classification",
+    "ner": "token-classification",
 }
 
 

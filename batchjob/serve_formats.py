@@ -264,7 +264,9 @@ def _toolkit_answer(
             per_input.append(_toolkit_answer(windows, each, task, labels))
             continue
         values = result.values or {}
-        if task != "text-classification":
+        if task == "token-classification":  # the pipeline's entity dicts, as they are
+            per_input.append(values.get("entities", []))
+        elif task != "text-classification":
             per_input.append(np.asarray(values["embedding"]).tolist())
         elif not toolkit.top_k_given:
             per_input.append({"label": values["label"], "score": float(values["score"])})
@@ -279,6 +281,8 @@ def _toolkit_answer(
     # The pipeline wraps a single string's answer in a list unless top_k was passed (which
     # already gives a list); a single text pair's answer stays a bare object.
     if task == "text-classification" and (toolkit.top_k_given or toolkit.pair):
+        return per_input[0]
+    if task == "token-classification":  # a string's entities: one list, not wrapped
         return per_input[0]
     return per_input
 

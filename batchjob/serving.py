@@ -38,6 +38,7 @@ from batchjob.serve_config import MAX_PAYLOAD_MB_LIMIT, ServeSpec
 from batchjob.serve_formats import RequestError, encode, parse, request_type, response_type
 from batchjob.serve_limits import NoSlot, SendTimeout, Slots, read_body, send_body
 from batchjob.sinks import check_keep_columns, task_names
+from batchjob.token_classification import chunk_rows
 
 log = logging.getLogger("batchjob.serve")
 
@@ -272,7 +273,7 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
         spec.output_format.keep_columns,
         task_names(head),
         "BATCHJOB_KEEP_COLUMNS",
-        state.options.long_documents == "chunk",
+        chunk_rows(head, state.options.long_documents),
     )
     state.artifact, state.replicas = artifact, len(placements)
     state.slots = Slots(request_slots(spec, len(placements)), spec.queue_timeout)

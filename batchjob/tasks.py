@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 import numpy as np
 import pyarrow as pa
 
+from batchjob.token_classification import TokenClassification, token_head
+
 if TYPE_CHECKING:  # artifact.py imports config.py, which imports output_format.py and this
     from batchjob.artifact import Artifact
     from batchjob.embeddings import Embedder
@@ -111,11 +113,13 @@ class Embeddings:
         return {} if self.embedder is None else {"embedding": self.embedder.describe()}
 
 
-Head = Classification | Embeddings
+Head = Classification | Embeddings | TokenClassification
 
 
 def default_head(artifact: Artifact) -> Head:
     """The head with no run-time choices: the artifact's activation, float32 embeddings."""
     if artifact.task == "text-classification":
         return Classification(artifact.labels, artifact.function_to_apply)
+    if artifact.task == TokenClassification.task:
+        return token_head(artifact)
     return Embeddings(normalize=artifact.normalize)
