@@ -49,6 +49,8 @@ demo: install
 		--task feature-extraction --cache-dir .cache --input examples/long --output out/demo-long \
 		--long-documents chunk
 	$(BIN)/python examples/show.py out/demo-long examples/long
+	# Named entities (token-classification) of a small random NER model, beside the pipeline's.
+	$(BIN)/python examples/ner.py
 
 # The bench's peers (Ray Data) are its own extra: `make install` and `make test` never need them.
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -59,7 +61,7 @@ $(BENCH_STAMP): $(STAMP)
 # Each script compares with `batchjob run` measured in the same script, on the same corpus,
 # prints its targets and exits 1 if one is missed; every script runs, and `make bench` fails
 # at the end if any missed.
-BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench long_bench
+BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench long_bench ner_bench
 bench: $(BENCH_STAMP)
 	@missed=""; for b in $(BENCHES); do \
 		echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || missed="$$missed $$b"; \
