@@ -97,30 +97,41 @@ def entities(
         best = token_scores.argmax(axis=-1)
         best_scores = token_scores[np.arange(len(kept)), best]
         if strategy == "none":
+            shown = np.flatnonzero(~tags.ignored[best])
+            index = kept[shown]
             return [
                 {
                     "entity": tags.labels[label],
-                    "score": float(score),
-                    "index": int(index),
-                    "word": spans.words[index],
-                    "start": int(spans.starts[index]),
-                    "end": int(spans.ends[index]),
+                    "score": score,
+                    "index": i,
+                    "word": spans.words[i],
+                    "start": start,
+                    "end": end,
                 }
-                for label, score, index in zip(best, best_scores, kept, strict=True)
-                if not tags.ignored[label]
+                for label, score, i, start, end in zip(
+                    best[shown].tolist(),
+                    best_scores[shown].tolist(),
+                    index.tolist(),
+                    spans.starts[index].tolist(),
+                    spans.ends[index].tolist(),
+                    strict=True,
+                )
             ]
         firsts = np.arange(len(kept))  # each token is its own "word"
         lasts = firsts
+        tokens = [spans.words[i] for i in kept.tolist()]
 
         def word(w: int) -> str:
-            token: str = spans.words[kept[w]]
-            return token
+            return tokens[w]
 
     else:
         best, best_scores, firsts, lasts = _words(token_scores, spans.subword[kept], strategy)
+        tokens = [spans.words[i] for i in kept.tolist()]
+        bounds = list(zip(firsts.tolist(), (lasts + 1).tolist(), strict=True))
 
         def word(w: int) -> str:
-            return decode([spans.words[kept[t]] for t in range(firsts[w], lasts[w] + 1)])
+            a, b = bounds[w]
+            return decode(tokens[a:b])
 
     return _group(best, best_scores, kept[firsts], kept[lasts], spans, tags, word, decode)
 
@@ -169,21 +180,27 @@ def _group(
     new[1:] = (tag[1:] != tag[:-1]) | tags.begins[labels[1:]]
     firsts = np.flatnonzero(new)
     lasts = np.append(firsts[1:], len(labels))
-    out: list[Entity] = []
-    for a, b in zip(firsts, lasts, strict=True):
-        if tags.ignored_group[labels[a]]:
-            continue
-        members = range(a, b)
-        out.append(
-            {
-                "entity_group": tags.group[labels[a]],
-                "score": float(np.nanmean(scores[a:b])),
-                "word": decode([word(w) for w in members]),
-                "start": int(spans.starts[first_token[a]]),
-                "end": int(spans.ends[last_token[b - 1]]),
-            }
+    kept = np.flatnonzero(~tags.ignored_group[labels[firsts]])
+    if not len(kept):
+        return []
+    # A group's score: the mean of its members' (no NaN: scores come from a softmax).
+    means = np.add.reduceat(scores, firsts)[kept] / (lasts - firsts)[kept]
+    a_kept, b_kept = firsts[kept], lasts[kept]
+    starts = spans.starts[first_token[a_kept]].tolist()
+    ends = spans.ends[last_token[b_kept - 1]].tolist()
+    names = [tags.group[label] for label in labels[a_kept].tolist()]
+    return [
+        {
+            "entity_group": name,
+            "score": score,
+            "word": decode([word(w) for w in range(a, b)]),
+            "start": start,
+            "end": end,
+        }
+        for name, score, a, b, start, end in zip(
+            names, means.tolist(), a_kept.tolist(), b_kept.tolist(), starts, ends, strict=True
         )
-    return out
+    ]
 
 
 def merge_overlapping(found: Sequence[Entity]) -> list[Entity]:
