@@ -1,10 +1,11 @@
 """Token classification through `run` (Parquet: the `entities` column, truncation, windows
-merged with --long-documents chunk) and `serve` (the inference toolkit's shapes, HF_TASK=ner),
-against transformers' pipeline."""
+merged with --long-documents chunk), `worker` (inline documents from SQS) and `serve` (the
+inference toolkit's shapes, HF_TASK=ner), against transformers' pipeline."""
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,9 @@ from tests.conftest import (
     write_jsonl,
 )
 from tests.ner_models import NER_TEXTS, assert_same_entities, bert_ner
+from tests.s3_server import Bucket
 from tests.serve_process import JSONLINES, Server, jsonlines
+from tests.sqs_queues import Queues, run_worker
 
 __all__ = ["bert_ner"]  # the fixture
 SHAPES = (Shape(16, 4), Shape(64, 2))
@@ -149,3 +152,24 @@ def test_serve_answers_as_the_inference_toolkit(server: Server, bert_ner: Path) 
     pair = {"inputs": {"text": "a question", "text_pair": "its answer"}}
     line = server.post(jsonlines([pair]), JSONLINES)[0]
     assert "not a text pair" in line["error"]
+
+
+def test_worker_writes_the_entities_of_inline_documents(
+    bert_ner: Path,
+    ner_artifact: str,
+    bucket: Bucket,
+    queues: Queues,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    queue = queues.make()
+    documents = [{"id": f"d{i}", "text": t} for i, t in enumerate(NER_TEXTS)]
+    queue.send({"id": "ner-1", "documents": documents})
+    flags = ("--aggregation", "max", "--exit-when-idle", "2")
+    worker = run_worker(ner_artifact, queue, bucket.uri("out/"), caplog, capsys, *flags)
+    assert worker.code == 0, worker.log()
+    rows = pq.read_table(io.BytesIO(bucket.get("out/inline/ner-1.parquet"))).to_pylist()
+    assert [r["id"] for r in rows] == [d["id"] for d in documents]
+    pipe = _pipeline(bert_ner)
+    for text, row in zip(NER_TEXTS, rows, strict=True):
+        assert_same_entities(row["entities"], pipe(text, aggregation_strategy="max"))
