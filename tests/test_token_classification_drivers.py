@@ -117,6 +117,8 @@ def test_mean_and_options_of_other_tasks_are_refused(
     base += ["--output", str(tmp_path / "out"), "--replicas", "1"]
     code, out, err = invoke([*base, "--long-documents", "mean"], capsys)
     assert_usage_error(code, out, err, ("--long-documents mean", "token-classification"))
+    code, out, err = invoke([*base, "--prompt", "query: "], capsys)
+    assert_usage_error(code, out, err, ("--prompt", "token-classification takes no prompt"))
     code, out, err = invoke([*base, "--aggregation", "longest"], capsys)
     assert_usage_error(code, out, err, ("--aggregation must be one of",))
     code, out, err = invoke([*base, "--multi-label"], capsys)
