@@ -42,7 +42,7 @@ from batchjob.results import Result as Result
 from batchjob.startup import mark
 from batchjob.tasks import Head, default_head
 from batchjob.token_classification import COLUMN, TokenClassification, assemble_entities
-from batchjob.token_spans import refuse_pairs, token_rows
+from batchjob.token_spans import refuse_pairs
 from batchjob.tokens import RecordTokenizer
 
 log = logging.getLogger("batchjob.engine")
@@ -366,57 +366,40 @@ class Engine:
         if (error := future.exception()) is not None:
             self._fail(batch, error)
             return
-        if self.token_head is not None:
-            self._deliver_entities(batch, future.result(), self.token_head)
-            return
+        found: list[list[Entity]] | None = None  # token classification: each row's entities
         try:
             outputs = future.result()
             rows = np.flatnonzero(batch.valid)
-            # Windowed calls take the graph's outputs as they are: their values are made when
-            # the record's windows are put together (results.assemble), the head's columns last.
-            plain = [row for row in rows if cast(_Key, batch.keys[row])[0].raw is None]
+            keys = [cast(_Key, batch.keys[row]) for row in rows]
             head = self.head
-            assert not isinstance(head, TokenClassification)  # _deliver_entities
-            columns = head.columns(outputs[plain]) if plain else {}
+            if isinstance(head, TokenClassification):
+                spans = [cast(dict[int, TokenSpans], call.spans)[i] for call, i in keys]
+                found = head.batch_entities(batch, outputs, spans)
+                plain, columns = [], {}
+            else:
+                # Windowed calls take the graph's outputs as they are: their values are made
+                # when the record's windows are put together (results.assemble), the head's
+                # columns last.
+                plain = [row for row, (call, _) in zip(rows, keys, strict=True) if call.raw is None]
+                columns = head.columns(outputs[plain]) if plain else {}
         except Exception as e:  # a callback's exception would only be logged: callers would hang
             shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
             self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))
             return
         place = {row: j for j, row in enumerate(plain)}  # a plain row's place in `columns`
-        for row in rows:
-            call, i = cast(_Key, batch.keys[row])
+        for k, (row, (call, i)) in enumerate(zip(rows, keys, strict=True)):
             if call.done.done():  # its caller went away, or another batch of it failed
                 continue
-            if call.raw is not None:
+            if found is not None and call.found is not None:  # a window: merged at the end
+                call.found[i] = found[k]
+            elif found is not None:
+                call.results[i] = Result({COLUMN: found[k]}, call.truncated[i])
+            elif call.raw is not None:
                 call.raw[i] = outputs[row]
             else:
                 call.results[i] = Result(
                     {name: col[place[row]] for name, col in columns.items()}, call.truncated[i]
                 )
-            call.remaining -= 1
-            if not call.remaining:
-                call.done.set_result(None)
-
-    def _deliver_entities(
-        self, batch: Batch, outputs: np.ndarray, head: TokenClassification
-    ) -> None:
-        """Per-token logits → each record's entities (or a window's, kept to be merged)."""
-        keys = [(row, cast(_Key, key)) for row, key in enumerate(batch.keys) if key is not None]
-        try:
-            logits = token_rows(batch, outputs)
-            spans = [cast(dict[int, TokenSpans], call.spans)[i] for _, (call, i) in keys]
-            found = head.entity_columns([logits[row] for row, _ in keys], spans)[COLUMN]
-        except Exception as e:  # a callback's exception would only be logged: callers would hang
-            shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
-            self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))
-            return
-        for (_, (call, i)), entities in zip(keys, found, strict=True):
-            if call.done.done():
-                continue
-            if call.found is not None:
-                call.found[i] = entities
-            else:
-                call.results[i] = Result({COLUMN: entities}, call.truncated[i])
             call.remaining -= 1
             if not call.remaining:
                 call.done.set_result(None)

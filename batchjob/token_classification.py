@@ -36,9 +36,11 @@ from batchjob.entities import (
     softmax,
 )
 from batchjob.errors import UsageError
+from batchjob.token_spans import token_rows
 
 if TYPE_CHECKING:
     from batchjob.artifact import Artifact
+    from batchjob.batching import Batch
     from batchjob.results import Ran, Result
 
 TASK = "token-classification"
@@ -96,6 +98,14 @@ class TokenClassification:
             for part, span in zip(np.split(scores, cuts), spans, strict=True)
         ]
         return {COLUMN: found}
+
+    def batch_entities(
+        self, batch: Batch, outputs: np.ndarray, spans: Sequence[TokenSpans]
+    ) -> list[list[Entity]]:
+        """A batch's per-token logits → the entities of each real row, in order (`spans`:
+        theirs)."""
+        logits = token_rows(batch, outputs)
+        return self.entity_columns([logits[row] for row in sorted(logits)], spans)[COLUMN]  # type: ignore[no-any-return]
 
     def describe(self) -> dict[str, Any]:
         return {
