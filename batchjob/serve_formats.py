@@ -217,7 +217,10 @@ def _parse_toolkit(body: bytes, task: str) -> Parsed:
     values = [inputs] if single else inputs
     records = []
     for i, value in enumerate(values):
-        text, pair = _input(value, "inputs" if single else f"inputs[{i}]")
+        where = "inputs" if single else f"inputs[{i}]"
+        text, pair = _input(value, where)
+        if pair is not None and task == "token-classification":
+            raise RequestError(f"{where}: token-classification takes a string, not a text pair")
         records.append(Record(str(i), text, pair))
     toolkit = Toolkit(single, single and isinstance(inputs, dict), "top_k" in parameters, top_k)
     return Parsed(records, toolkit)

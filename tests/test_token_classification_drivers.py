@@ -154,6 +154,13 @@ def test_serve_answers_as_the_inference_toolkit(server: Server, bert_ner: Path) 
     pair = {"inputs": {"text": "a question", "text_pair": "its answer"}}
     line = server.post(jsonlines([pair]), JSONLINES)[0]
     assert "not a text pair" in line["error"]
+    status, _, refused = server.request(
+        "POST", "/invocations", json.dumps(pair).encode(), {"Content-Type": "application/json"}
+    )
+    assert status == 400
+    assert json.loads(refused) == {
+        "error": "inputs: token-classification takes a string, not a text pair"
+    }
 
 
 def test_worker_writes_the_entities_of_inline_documents(
