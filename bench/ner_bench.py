@@ -126,10 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         with measure.OtherLoad() as others:
             result = measure.batchjob_run(artifact, Path(tmp) / "in", Path(tmp) / "out")
     rate = result.documents / result.pipeline_seconds
+    # Where batchjob's time went: the replicas' share busy (the model), and the main
+    # process's (reading, tokenizing, aggregating entities, writing) on its one core.
+    use = result.cpu
+    where = (
+        f"; replicas busy {use.replica_busy:.0%}, preempted {use.replica_preempted:.0%}, "
+        f"main process {use.main_busy:.0%} of a core"
+        if use is not None
+        else ""
+    )
     print(
         f"batchjob run: {result.documents} docs in {result.pipeline_seconds:.1f}s "
         f"({result.wall_seconds:.1f}s wall, start-up included), {rate:.1f} docs/s, "
-        f"others {others.share:.0%}",
+        f"others {others.share:.0%}{where}",
         flush=True,
     )
     # The pipeline's best once more: the best timing counts (a burst of other load during
