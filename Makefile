@@ -51,6 +51,8 @@ demo: install
 	$(BIN)/python examples/show.py out/demo-long examples/long
 	# zero-shot-classification and text-ranking over tiny random-weight models: the mechanics.
 	$(BIN)/python examples/pairs_demo.py out
+	# Named entities (token-classification) of a small random NER model, beside the pipeline's.
+	$(BIN)/python examples/ner.py
 
 # The bench's extra (Ray Data, which the dev extra has too, for tests/test_ray.py).
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -61,7 +63,7 @@ $(BENCH_STAMP): $(STAMP)
 # Each script compares with `batchjob run` measured in the same script, on the same corpus,
 # prints its targets and exits 1 if one is missed; every script runs, and `make bench` fails
 # at the end if any missed.
-BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench long_bench pairs_bench ray_bench
+BENCHES := bench serve_bench s3_bench sqs_bench memory_bench startup_bench weights_bench long_bench pairs_bench ray_bench ner_bench
 bench: $(BENCH_STAMP)
 	@missed=""; for b in $(BENCHES); do \
 		echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || missed="$$missed $$b"; \

@@ -226,9 +226,9 @@ class _Checker:
             if function == "softmax" and len(labels) < 2:
                 self.fail("labels", "at least 2 labels for function_to_apply softmax", labels)
             if not labels:
-                self.fail("labels", "at least 1 label for task text-classification", labels)
+                self.fail("labels", f"at least 1 label for task {task}", labels)
             if pooling is not None:
-                self.fail("pooling", "null for task text-classification", pooling)
+                self.fail("pooling", f"null for task {task}", pooling)
         return {"labels": labels, "function_to_apply": function, "pooling": pooling}
 
     def versions(self, value: Any) -> dict[str, str]:

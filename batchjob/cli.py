@@ -59,8 +59,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         default=S,
-        help="text-classification, feature-extraction; run, worker, serve: also "
-        "zero-shot-classification, text-ranking (a classifier's graphs)",
+        help="text-classification, token-classification, feature-extraction; run, worker, "
+        "serve: also zero-shot-classification, text-ranking (a classifier's graphs)",
     )
     p.add_argument("--backend", default=S, help="cpu (default), neuron (Inf1), neuronx (Inf2/Trn1)")
     p.add_argument("--dtype", default=S, help="auto (default: bf16 where native), fp32, bf16")
@@ -151,6 +151,11 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "--hypothesis-template", default=S, help='zero-shot: "This example is {}." (default)'
     )
     p.add_argument("--group-field", default=S, help="text-ranking: add `rank` within each group")
+    p.add_argument(
+        "--aggregation",
+        default=S,
+        help="token-classification: none, simple (default), first, average, max",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

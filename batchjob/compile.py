@@ -193,14 +193,17 @@ def _check_against_eager(
 
 
 def _labels(loaded: LoadedModel) -> tuple[str, ...]:
-    if loaded.task != "text-classification":
+    if loaded.task not in ("text-classification", "token-classification"):
         return ()
     id2label = loaded.config.id2label or {}
     return tuple(str(id2label.get(i, f"LABEL_{i}")) for i in range(loaded.config.num_labels))
 
 
 def _function_to_apply(loaded: LoadedModel) -> str:
-    """What the transformers text-classification pipeline applies to the logits by default."""
+    """What the transformers text-classification pipeline applies to the logits by default
+    (the token-classification pipeline always applies softmax)."""
+    if loaded.task == "token-classification":
+        return "softmax"
     if loaded.task != "text-classification":
         return "none"
     config = loaded.config

@@ -26,7 +26,7 @@ from batchjob.prices import hourly_price
 
 log = logging.getLogger("batchjob.config")
 
-TASKS = ("text-classification", "feature-extraction")
+TASKS = ("text-classification", "feature-extraction", "token-classification")
 BACKENDS = ("cpu", "neuron", "neuronx")
 DTYPES = ("auto", "fp32", "bf16")
 # sentence-transformers' pooling modes (its Pooling.POOLING_MODES), in its order.

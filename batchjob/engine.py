@@ -33,6 +33,7 @@ import numpy as np
 
 from batchjob.artifact import Artifact
 from batchjob.batching import Batch, Batcher, Item, make_batcher
+from batchjob.entities import Entity, TokenSpans
 from batchjob.errors import BatchJobError, ReplicaError, UsageError
 from batchjob.long_documents import Failed, TextOptions, Unit, plan_units, prompted
 from batchjob.pair_tasks import ZeroShot
@@ -41,6 +42,8 @@ from batchjob.results import Ran, Span, assemble
 from batchjob.results import Result as Result
 from batchjob.startup import mark
 from batchjob.tasks import Head, default_head
+from batchjob.token_classification import COLUMN, TokenClassification, assemble_entities
+from batchjob.token_spans import refuse_pairs
 from batchjob.tokens import RecordTokenizer
 from batchjob.zero_shot import ZeroShotPlan
 
@@ -86,6 +89,9 @@ class _Call:
     done: asyncio.Future[None]
     remaining: int = 0
     raw: dict[int, np.ndarray] | None = None  # windowed calls: the graph's output per unit
+    # Token classification: each item's token spans, and (windowed) each unit's entities.
+    spans: dict[int, TokenSpans] | None = None
+    found: dict[int, list[Entity]] | None = None
 
     def fail(self, error: BaseException) -> None:
         if not self.done.done():
@@ -127,6 +133,9 @@ class Engine:
         self.head = head or default_head(artifact)
         self.tokenizer = tokenizer or RecordTokenizer(artifact.tokenizer_path, artifact.max_length)
         self.batcher = engine_batcher(artifact, self.tokenizer.pad_id, sort_window)
+        self.token_head = self.head if isinstance(self.head, TokenClassification) else None
+        if self.token_head is not None:
+            self.tokenizer.keep_spans()
         # the output's columns
         self.task_names = [f.name for f in self.head.fields()]
         self.stats = EngineStats()
@@ -205,6 +214,8 @@ class Engine:
         self._active += 1
         self._idle.clear()
         try:
+            if self.token_head is not None:
+                records = refuse_pairs(list(records))
             zero_shot = zero_shot or (self.head if isinstance(self.head, ZeroShot) else None)
             if options.windowed or zero_shot is not None:  # rows ≠ records
                 return await self._infer_windows(list(records), options, zero_shot)
@@ -223,12 +234,16 @@ class Engine:
         encoded = await asyncio.to_thread(self.tokenizer.encode, records)
         n = len(records)
         call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future())
+        if self.token_head is not None:
+            call.spans = {}
         items = []
         for i, (record, enc) in enumerate(zip(records, encoded, strict=True)):
             if enc is None:
                 call.results[i] = Result(None, error=record.error, windows=0)
             else:
                 call.truncated[i] = enc.truncated
+                if call.spans is not None and enc.spans is not None:
+                    call.spans[i] = enc.spans
                 items.append(Item((call, i), enc.ids, enc.type_ids))
         call.remaining = len(items)
         self.stats.records += len(items)
@@ -261,6 +276,8 @@ class Engine:
         mark("first records in", once=True)
         n = len(records)
         call = _Call([None] * n, [False] * n, asyncio.get_running_loop().create_future(), raw={})
+        if self.token_head is not None:
+            call.spans, call.found = {}, {}
         units: list[Ran] = []
         failed: dict[int, str] = {}
         expanded = None  # zero-shot: a row per candidate label
@@ -280,6 +297,9 @@ class Engine:
                         failed[unit.record] = unit.error
                         continue
                     enc = unit.encoded
+                    if call.spans is not None and enc.spans is not None:
+                        # Offsets into the whole text: entities of windows merge there.
+                        call.spans[len(units)] = enc.spans.shifted(unit.char_start)
                     items.append(Item((call, len(units)), enc.ids, enc.type_ids))
                     span = Span(unit.chunk, unit.char_start, unit.char_end)
                     units.append(Ran(unit.record, span, len(enc.ids)))
@@ -297,6 +317,8 @@ class Engine:
         assert call.raw is not None
         if expanded is not None:
             return expanded.assemble(units, failed, call.raw)
+        if call.found is not None:
+            return assemble_entities(records, units, failed, call.found)
         return assemble(self.head, records, units, failed, call.raw, options.long_documents)
 
     async def _enqueue(self, batch: Batch) -> None:
@@ -360,23 +382,35 @@ class Engine:
         if (error := future.exception()) is not None:
             self._fail(batch, error)
             return
+        found: list[list[Entity]] | None = None  # token classification: each row's entities
         try:
             outputs = future.result()
             rows = np.flatnonzero(batch.valid)
-            # Windowed calls take the graph's outputs as they are: their values are made when
-            # the record's windows are put together (results.assemble), the head's columns last.
-            plain = [row for row in rows if cast(_Key, batch.keys[row])[0].raw is None]
-            columns = self.head.columns(outputs[plain]) if plain else {}
+            keys = [cast(_Key, batch.keys[row]) for row in rows]
+            head = self.head
+            if isinstance(head, TokenClassification):
+                spans = [cast(dict[int, TokenSpans], call.spans)[i] for call, i in keys]
+                found = head.batch_entities(batch, outputs, spans)
+                plain, columns = [], {}
+            else:
+                # Windowed calls take the graph's outputs as they are: their values are made
+                # when the record's windows are put together (results.assemble), the head's
+                # columns last.
+                plain = [row for row, (call, _) in zip(rows, keys, strict=True) if call.raw is None]
+                columns = head.columns(outputs[plain]) if plain else {}
         except Exception as e:  # a callback's exception would only be logged: callers would hang
             shape = f"{batch.shape.batch_size}x{batch.shape.seq_len}"
             self._fail(batch, BatchJobError(f"unreadable model output for a {shape} batch: {e!r}"))
             return
         place = {row: j for j, row in enumerate(plain)}  # a plain row's place in `columns`
-        for row in rows:
-            call, i = cast(_Key, batch.keys[row])
+        for k, (row, (call, i)) in enumerate(zip(rows, keys, strict=True)):
             if call.done.done():  # its caller went away, or another batch of it failed
                 continue
-            if call.raw is not None:
+            if found is not None and call.found is not None:  # a window: merged at the end
+                call.found[i] = found[k]
+            elif found is not None:
+                call.results[i] = Result({COLUMN: found[k]}, call.truncated[i])
+            elif call.raw is not None:
                 call.raw[i] = outputs[row]
             else:
                 call.results[i] = Result(

@@ -43,6 +43,7 @@ from batchjob.s3 import S3Url
 from batchjob.shards import ShardRef, shard
 from batchjob.sinks import SchemaSource, check_keep_columns, output_schema_source
 from batchjob.storage import Storage
+from batchjob.token_classification import chunk_rows
 
 log = logging.getLogger("batchjob.worker")
 
@@ -116,8 +117,8 @@ class Executor:
         --keep-columns) and runs with `options`. MessageError for a bad keep_columns."""
         if keep is None:
             keep = self.spec.output_format.keep_columns
-        chunked = options.long_documents == "chunk"
         try:
+            chunked = chunk_rows(self.engine.head, options.long_documents)
             check_keep_columns(keep, self.engine.task_names, "keep_columns", chunked)
         except UsageError as e:
             raise MessageError(str(e)) from None

@@ -6,6 +6,9 @@ Two graph kinds, one per batching strategy:
 - packing: `(input_ids, position_ids, token_type_ids, segment_ids, segment_index)`, up to K
   records per row, each attending only to itself → `(B, K, ...)`, one output per slot.
 
+Token classification answers per token either way, `(B, S, labels)`: the model's own head
+applies to every token, so a packed row needs nothing of it per segment.
+
 Both build the attention mask inside the graph from int inputs, so no data-dependent mask
 logic of the model is frozen into the trace. The packed graph applies the model's own head
 to each segment: for classification the first token of the segment through the family's
@@ -220,7 +223,11 @@ class EncoderGraph(nn.Module):
             kwargs["position_ids"] = position_ids
         if self.uses_token_types:
             kwargs["token_type_ids"] = token_type_ids
-        if self.task == "text-classification" and not self.mirrored:
+        if self.task == "token-classification" or (
+            self.task == "text-classification" and not self.mirrored
+        ):
+            # Token classification: the model's own per-token logits (B, S, labels), packed
+            # or not; the host cuts each record's tokens out of its row (token_spans.py).
             out: torch.Tensor = self.model(**kwargs).logits.float()
             return out
         slots = torch.arange(1, segment_index.shape[1] + 1, device=input_ids.device)

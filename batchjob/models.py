@@ -42,9 +42,11 @@ def infer_task(model: str) -> str:
     config = _load(AutoConfig.from_pretrained, model)
     if any(a.endswith("ForSequenceClassification") for a in config.architectures or ()):
         return "text-classification"
+    if any(a.endswith("ForTokenClassification") for a in config.architectures or ()):
+        return "token-classification"
     raise UsageError(
         f"--model {model}: can't tell its task (architectures {config.architectures}); "
-        "pass --task text-classification or --task feature-extraction"
+        "pass --task text-classification, token-classification or feature-extraction"
     )
 
 
@@ -75,6 +77,7 @@ def load_model(
         AutoConfig,
         AutoModel,
         AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
         AutoTokenizer,
     )
     from transformers.utils import logging as hf_logging
@@ -97,7 +100,11 @@ def load_model(
             f"--model {model}: its tokenizer has {len(tokenizer)} tokens for a vocabulary of "
             f"{config.vocab_size}; are the tokenizer files missing?"
         )
-    auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+    autos = {
+        "text-classification": AutoModelForSequenceClassification,
+        "token-classification": AutoModelForTokenClassification,
+    }
+    auto = autos.get(task, AutoModel)
     # transformers picks sdpa where the family has it, else eager: both take the additive
     # 4-D mask the graph builds.
     hf_model, info = _load(auto.from_pretrained, model, dtype=dtype, output_loading_info=True)

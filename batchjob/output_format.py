@@ -1,6 +1,7 @@
 """What goes into an output beside the task's results, how embeddings are written and how
 classifiers label: the flags `--keep-columns`, `--embedding-type`, `--embedding-dim`,
-`--embedding-precision`, `--embedding-ranges`, `--multi-label` and `--threshold`, shared by
+`--embedding-precision`, `--embedding-ranges`, `--multi-label`, `--threshold` and
+`--aggregation` (token-classification: how tokens become entities), shared by
 `run`, `worker` and `serve` (there from BATCHJOB_* variables, a flag winning). `make_head`
 turns them into the run's head (`tasks.py`), beside the artifact.
 
@@ -24,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from batchjob.embeddings import Embedder, EmbeddingSpec, model_dim
+from batchjob.entities import AGGREGATIONS, DEFAULT_AGGREGATION
 from batchjob.errors import UsageError
 from batchjob.pair_tasks import PAIR_TASKS, PairOptions, make_pair_head, pair_options
 from batchjob.tasks import Classification, Embeddings, Head
+from batchjob.token_classification import TokenClassification, token_head
 
 if TYPE_CHECKING:  # config.py imports this module, and artifact.py imports config.py
     from batchjob.artifact import Artifact
@@ -46,6 +49,7 @@ OUTPUT_FIELD_TYPES: dict[str, Any] = {
     "candidate_labels_field": str,
     "hypothesis_template": str,
     "group_field": str,
+    "aggregation": str,
 }
 OUTPUT_FIELDS = tuple(OUTPUT_FIELD_TYPES)
 # serve: Batch Transform passes only the environment.
@@ -62,10 +66,15 @@ class OutputFormat:
     multi_label: bool = False  # False: as the model's config says
     threshold: float | None = None  # None: DEFAULT_THRESHOLD; only with multi-label
     pairs: PairOptions = field(default_factory=PairOptions)  # --task zero-shot, text-ranking
+    aggregation: str | None = None  # token-classification; None: DEFAULT_AGGREGATION
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise UsageError(f"--threshold must be in [0, 1], got {self.threshold:g}")
+        if self.aggregation is not None and self.aggregation not in AGGREGATIONS:
+            raise UsageError(
+                f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
+            )
 
 
 def parse_keep_columns(value: object, where: str = "--keep-columns") -> tuple[str, ...]:
@@ -92,12 +101,14 @@ def output_format(fields: Mapping[str, Any]) -> OutputFormat:
         if fields.get(name) is not None
     }
     threshold = fields.get("threshold")
+    aggregation = fields.get("aggregation")
     return OutputFormat(
         keep,
         EmbeddingSpec(**options),
         multi_label=bool(fields.get("multi_label", False)),
         threshold=None if threshold is None else float(threshold),
         pairs=pair_options(fields),
+        aggregation=None if aggregation is None else str(aggregation),
     )
 
 
@@ -146,6 +157,10 @@ def make_head(artifact: Artifact, fmt: OutputFormat, *, calibrate: bool) -> Head
         if not fmt.embedding.is_default or fmt.threshold is not None:
             raise UsageError(f"--embedding-* and --threshold don't apply to {fmt.pairs.task}")
         return make_pair_head(artifact, fmt.pairs, fmt.multi_label)
+    if artifact.task == TokenClassification.task:
+        return _token_head(artifact, fmt)
+    if fmt.aggregation is not None:
+        raise UsageError(f"--aggregation applies to token-classification, not {artifact.task}")
     if artifact.task == "text-classification":
         if not fmt.embedding.is_default:
             raise UsageError(
@@ -164,6 +179,16 @@ def make_head(artifact: Artifact, fmt: OutputFormat, *, calibrate: bool) -> Head
         calibrate=calibrate,
     )
     return Embeddings(embedder, artifact.normalize)
+
+
+def _token_head(artifact: Artifact, fmt: OutputFormat) -> TokenClassification:
+    if not fmt.embedding.is_default:
+        raise UsageError(f"--embedding-* options apply to feature-extraction, not {artifact.task}")
+    if fmt.multi_label or fmt.threshold is not None:
+        raise UsageError(
+            f"--multi-label and --threshold apply to text-classification, not {artifact.task}"
+        )
+    return token_head(artifact, fmt.aggregation or DEFAULT_AGGREGATION)
 
 
 def _classification(artifact: Artifact, fmt: OutputFormat) -> Classification:

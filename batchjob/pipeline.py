@@ -22,6 +22,7 @@ from batchjob.pair_tasks import Ranking, assign_ranks
 from batchjob.records import Record
 from batchjob.results import Result
 from batchjob.sinks import OutputWriter, Row, row_columns
+from batchjob.token_classification import chunk_rows
 
 CHUNKS_IN_FLIGHT = 4  # per shard: results are written in order as the oldest chunk finishes
 ROWS_PER_WRITE = 4096  # rows per Parquet row group
@@ -66,7 +67,7 @@ async def write_shard(
     chunked document's are repeated on each of its window rows."""
     counts = Counts()
     task_names = engine.task_names
-    chunked = options.long_documents == "chunk"
+    chunked = chunk_rows(engine.head, options.long_documents)
     pending: deque[tuple[list[Record], asyncio.Task[list[Result]]]] = deque()
     rows: list[Row] = []
     documents = 0  # in `rows`

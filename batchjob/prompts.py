@@ -133,6 +133,14 @@ def resolve_text_options(
         raise error(f"{mode_name} must be one of {choices}, got {long_documents!r}")
     if prompt is not None and prompt_name is not None:
         raise error(f"{prompt_flag} and {name_flag} exclude each other")
+    if artifact.task == "token-classification":
+        if prompt or prompt_name:  # entities' offsets are into the text, not a prompt's
+            raise error(f"{prompt_flag}: token-classification takes no prompt")
+        if long_documents == "mean":
+            raise error(
+                f"{mode_name} mean does not apply to token-classification (a mean of entities "
+                "means nothing): use chunk, which merges the windows' entities"
+            )
     model = artifact_prompts(artifact)
     name = prompt_name
     if prompt is None:

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from batchjob.pair_tasks import Ranking, ZeroShot
 from batchjob.records import Record
-from batchjob.tasks import Head
+from batchjob.tasks import Classification, Embeddings, Head
+from batchjob.token_classification import TokenClassification
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,8 @@ def assemble(
     mode: str,
 ) -> list[Result]:
     """One Result per record from its units' graph outputs (`outputs[i]` is units[i]'s)."""
+    if isinstance(head, TokenClassification):  # its windows' entities merge as they come
+        raise TypeError("token classification's windows are put together by assemble_entities")
     by_record: dict[int, list[int]] = {}
     for i, unit in enumerate(units):
         by_record.setdefault(unit.record, []).append(i)
@@ -91,7 +95,10 @@ def assemble(
 
 
 def _combine(
-    head: Head, units: Sequence[Ran], outputs: dict[int, np.ndarray], indices: list[int]
+    head: Classification | Embeddings | ZeroShot | Ranking,
+    units: Sequence[Ran],
+    outputs: dict[int, np.ndarray],
+    indices: list[int],
 ) -> np.ndarray:
     rows = np.stack([outputs[i] for i in indices]).astype(np.float64)
     if len(indices) == 1:

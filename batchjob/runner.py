@@ -45,6 +45,7 @@ from batchjob.sinks import check_keep_columns, output_schema_source, task_names
 from batchjob.startup import mark
 from batchjob.storage import OpenShard, Storage
 from batchjob.tasks import Head
+from batchjob.token_classification import chunk_rows
 
 log = logging.getLogger("batchjob.run")
 
@@ -130,7 +131,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
         mark("artifact verified")
         keep = spec.output_format.keep_columns
         head = make_head(artifact, spec.output_format, calibrate=True)
-        chunked = options.long_documents == "chunk"
+        chunked = chunk_rows(head, options.long_documents)
         check_keep_columns(keep, task_names(head), "--keep-columns", chunked)
         if spec.part is not None and head.embedder is not None and head.embedder.needs_ranges:
             raise UsageError(

@@ -120,6 +120,8 @@ HF_TASKS = {
     "zero-shot-classification": "zero-shot-classification",  # pair_tasks.py
     "text-ranking": "text-ranking",
     "sentence-ranking": "text-ranking",  # the toolkit's name for a CrossEncoder
+    "token-classification": "token-classification",
+    "ner": "token-classification",
 }
 
 

@@ -227,7 +227,10 @@ def _parse_toolkit(body: bytes, task: str) -> Parsed:
     values = [inputs] if single else inputs
     records = []
     for i, value in enumerate(values):
-        text, pair = _input(value, "inputs" if single else f"inputs[{i}]")
+        where = "inputs" if single else f"inputs[{i}]"
+        text, pair = _input(value, where)
+        if pair is not None and task == "token-classification":
+            raise RequestError(f"{where}: token-classification takes a string, not a text pair")
         records.append(Record(str(i), text, pair))
     toolkit = Toolkit(single, single and isinstance(inputs, dict), "top_k" in parameters, top_k)
     return Parsed(records, toolkit)
@@ -274,7 +277,9 @@ def _toolkit_answer(
             per_input.append(_toolkit_answer(windows, each, task, labels))
             continue
         values = result.values or {}
-        if task != "text-classification":
+        if task == "token-classification":  # the pipeline's entity dicts, as they are
+            per_input.append(values.get("entities", []))
+        elif task != "text-classification":
             per_input.append(np.asarray(values["embedding"]).tolist())
         elif not toolkit.top_k_given:
             per_input.append({"label": values["label"], "score": float(values["score"])})
@@ -289,6 +294,8 @@ def _toolkit_answer(
     # The pipeline wraps a single string's answer in a list unless top_k was passed (which
     # already gives a list); a single text pair's answer stays a bare object.
     if task == "text-classification" and (toolkit.top_k_given or toolkit.pair):
+        return per_input[0]
+    if task == "token-classification":  # a string's entities: one list, not wrapped
         return per_input[0]
     return per_input
 

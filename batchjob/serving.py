@@ -47,6 +47,7 @@ from batchjob.serve_formats import (
 from batchjob.serve_limits import NoSlot, SendTimeout, Slots, read_body, send_body
 from batchjob.serve_pairs import encode_pairs, parse_pairs
 from batchjob.sinks import check_keep_columns, task_names
+from batchjob.token_classification import chunk_rows
 
 log = logging.getLogger("batchjob.serve")
 
@@ -293,7 +294,7 @@ async def _start(state: _State, stack: contextlib.AsyncExitStack) -> None:
         spec.output_format.keep_columns,
         task_names(head),
         "BATCHJOB_KEEP_COLUMNS",
-        state.options.long_documents == "chunk",
+        chunk_rows(head, state.options.long_documents),
     )
     state.artifact, state.replicas = artifact, len(placements)
     state.slots = Slots(request_slots(spec, len(placements)), spec.queue_timeout)

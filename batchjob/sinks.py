@@ -28,6 +28,7 @@ from batchjob.long_documents import TextOptions
 from batchjob.output_format import output_metadata
 from batchjob.s3 import S3, S3Url
 from batchjob.tasks import Fields, Head
+from batchjob.token_classification import chunk_rows
 
 MANIFEST = "_manifest.json"
 TMP_SUFFIX = ".tmp"
@@ -90,7 +91,8 @@ def output_schema_source(
     the file's records are run with (chunk rows; the prompt the metadata records)."""
 
     def schema() -> pa.Schema:
-        head, chunked = engine.head, options.long_documents == "chunk"
+        head = engine.head
+        chunked = chunk_rows(head, options.long_documents)
         metadata = output_metadata(engine.artifact, head, keep, options)
         return output_schema(head.fields(), keep, metadata, chunked)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchjob.pair_tasks import Ranking, ZeroShot
+from batchjob.token_classification import TokenClassification, token_head
 
 if TYPE_CHECKING:  # artifact.py imports config.py, which imports output_format.py and this
     from batchjob.artifact import Artifact
@@ -113,11 +114,13 @@ class Embeddings:
         return {} if self.embedder is None else {"embedding": self.embedder.describe()}
 
 
-Head = Classification | Embeddings | ZeroShot | Ranking  # pair_tasks.py: the last two
+Head = Classification | Embeddings | TokenClassification | ZeroShot | Ranking
 
 
 def default_head(artifact: Artifact) -> Head:
     """The head with no run-time choices: the artifact's activation, float32 embeddings."""
     if artifact.task == "text-classification":
         return Classification(artifact.labels, artifact.function_to_apply)
+    if artifact.task == TokenClassification.task:
+        return token_head(artifact)
     return Embeddings(normalize=artifact.normalize)

@@ -20,12 +20,16 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Encoding, Tokenizer
 
 from batchjob.long_text import MARGIN, TextTokens, Unsplittable, compare_lengths, head
 from batchjob.records import Record
+
+if TYPE_CHECKING:
+    from batchjob.entities import TokenSpans
+    from batchjob.token_spans import SpanReader
 
 log = logging.getLogger("batchjob.tokens")
 
@@ -48,6 +52,7 @@ class Encoded:
     ids: list[int]
     type_ids: list[int]
     truncated: bool
+    spans: TokenSpans | None = None  # token classification's offsets (keep_spans)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,20 @@ class RecordTokenizer:
         self._frames: dict[tuple[int, int | None], _Frame] = {}
         # Up to this many characters a text is tokenized whole: the first window would be.
         self.long_text = 16 * max_length + 4 * MARGIN
+        # Token classification: each Encoded with its offsets and special tokens (spans).
+        self.span_reader: SpanReader | None = None
+
+    def keep_spans(self) -> None:
+        """From now on, give each Encoded its spans (token classification only: offsets
+        cost time the other tasks don't spend)."""
+        from batchjob.token_spans import SpanReader
+
+        self.span_reader = SpanReader(self._tokenizer)
+
+    @property
+    def truncating(self) -> Tokenizer:
+        """The tokenizer as `encode` uses it: special tokens, truncation, no padding."""
+        return self._tokenizer
 
     @property
     def raw(self) -> Tokenizer:
@@ -89,6 +108,10 @@ class RecordTokenizer:
 
     def encode(self, records: list[Record]) -> list[Encoded | None]:
         """One entry per record, None where the record is an error."""
+        if self.span_reader is not None:
+            from batchjob.token_spans import encode_with_spans
+
+            return encode_with_spans(self, records)
         out: list[Encoded | None] = [None] * len(records)
         short: list[int] = []
         for i, record in enumerate(records):

@@ -44,6 +44,7 @@ from batchjob.replicas import ReplicaPool
 from batchjob.sinks import check_keep_columns, task_names
 from batchjob.sqs import MAX_WAIT_SECONDS, Message, QueueError, SqsQueue
 from batchjob.storage import Storage
+from batchjob.token_classification import chunk_rows
 
 log = logging.getLogger("batchjob.worker")
 
@@ -380,7 +381,7 @@ async def _main(spec: WorkerSpec) -> tuple[Summary, str | None]:
                 spec.output_format.keep_columns,
                 task_names(head),
                 "--keep-columns",
-                options.long_documents == "chunk",
+                chunk_rows(head, options.long_documents),
             )
             metrics = WorkerMetrics()
             if spec.metrics_port is not None:

@@ -341,7 +341,7 @@ def test_infer_task_asks_for_task_on_a_plain_model(plain_dir: Path) -> None:
     message = str(info.value)
     assert message.startswith(f"--model {plain_dir}: can't tell its task")
     assert "BertModel" in message
-    assert "pass --task text-classification or --task feature-extraction" in message
+    assert "pass --task text-classification, token-classification or feature-extraction" in message
 
 
 def test_nonexistent_model_path_says_it_does_not_exist(tmp_path: Path) -> None:

@@ -210,7 +210,8 @@ def test_compile_spec_keeps_given_shapes() -> None:
         ({"model": ""}, "--model is required"),
         (
             {"task": "translation"},
-            "--task must be one of text-classification, feature-extraction, got 'translation'",
+            "--task must be one of text-classification, feature-extraction, "
+            "token-classification, got 'translation'",
         ),
         ({"backend": "gpu"}, "--backend must be one of cpu, neuron, neuronx, got 'gpu'"),
         ({"dtype": "fp16"}, "--dtype must be one of auto, fp32, bf16, got 'fp16'"),
