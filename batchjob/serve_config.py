@@ -46,6 +46,7 @@ also take 1/0, yes/no, on/off. An empty variable is not set.
 | --candidate-labels-field   | BATCHJOB_CANDIDATE_LABELS_FIELD                           |
 | --hypothesis-template      | BATCHJOB_HYPOTHESIS_TEMPLATE                              |
 | --group-field              | BATCHJOB_GROUP_FIELD                                      |
+| --aggregation              | BATCHJOB_AGGREGATION                                      |
 | --drain-seconds            | BATCHJOB_DRAIN_SECONDS                                    |
 | --max-concurrent-requests  | BATCHJOB_MAX_CONCURRENT_REQUESTS                          |
 | --queue-timeout            | BATCHJOB_QUEUE_TIMEOUT                                    |

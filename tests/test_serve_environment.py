@@ -87,6 +87,7 @@ EQUIVALENTS: list[tuple[str, str, list[str]]] = [
     ("BATCHJOB_CANDIDATE_LABELS_FIELD", "labels", ["--candidate-labels-field", "labels"]),
     ("BATCHJOB_HYPOTHESIS_TEMPLATE", "It is {}.", ["--hypothesis-template", "It is {}."]),
     ("BATCHJOB_GROUP_FIELD", "qid", ["--group-field", "qid"]),
+    ("BATCHJOB_AGGREGATION", "first", ["--aggregation", "first"]),
 ]
 # The task each pair option belongs to (pair_tasks.py).
 PAIR_TASKS = {
@@ -94,6 +95,7 @@ PAIR_TASKS = {
     "BATCHJOB_CANDIDATE_LABELS_FIELD": "zero-shot-classification",
     "BATCHJOB_HYPOTHESIS_TEMPLATE": "zero-shot-classification",
     "BATCHJOB_GROUP_FIELD": "text-ranking",
+    "BATCHJOB_AGGREGATION": "token-classification",
 }
 
 
