@@ -17,9 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -139,18 +141,27 @@ def ensure_tiny_model(root: Path) -> Path:
 
 
 def _ensure_bert(path: Path, shape: dict[str, int]) -> Path:
+    def classifier() -> Any:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        return BertForSequenceClassification(BertConfig(num_labels=2, **shape))
+
+    return ensure_seeded_model(path, classifier)
+
+
+def ensure_seeded_model(path: Path, make_model: Callable[[], Any]) -> Path:
+    """The model `make_model()` builds, seeded random weights, saved once at `path` with
+    MiniLM's tokenizer (written aside, then renamed into place: a killed bench leaves none)."""
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
-    root = path.parent
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=root))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=path.parent))
     try:
         torch.manual_seed(SEED)
-        model = BertForSequenceClassification(BertConfig(num_labels=2, **shape)).eval()
-        model.save_pretrained(staging)
+        make_model().eval().save_pretrained(staging)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source())
         # MiniLM's tokenizer says 512: the bench's models say 128, so that batchjob's default
         # (the model's length) is the shape the bench has always measured, 8x128 packed.

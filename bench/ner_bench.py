@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import fixtures
 import measure
@@ -50,30 +50,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def ensure_ner_model(root: Path) -> Path:
     """bert-base, CoNLL's labels, seeded random weights, MiniLM's tokenizer (128 tokens)."""
-    path = root / "bert-base-ner"
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
 
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=root))
-    try:
-        torch.manual_seed(fixtures.SEED)
+    def tagger() -> Any:
+        from transformers import BertConfig, BertForTokenClassification
+
         config = BertConfig(
             num_labels=len(LABELS),
             id2label=dict(enumerate(LABELS)),
             label2id={label: i for i, label in enumerate(LABELS)},
         )
-        BertForTokenClassification(config).eval().save_pretrained(staging)
-        tokenizer = AutoTokenizer.from_pretrained(fixtures.tokenizer_source())
-        tokenizer.model_max_length = fixtures.MAX_LENGTH
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+        return BertForTokenClassification(config)
+
+    return fixtures.ensure_seeded_model(root / "bert-base-ner", tagger)
 
 
 class NerPipeline(peers.HfPipeline):

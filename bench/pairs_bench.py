@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fixtures
 import measure
@@ -54,30 +54,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def ensure_pair_model(root: Path, name: str, config: dict[str, object]) -> Path:
     """A bert-base sequence classifier with `config`, seeded random weights, cached."""
-    path = root / name
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=root))
-    try:
-        torch.manual_seed(fixtures.SEED)
-        if "id2label" in config:
-            labels = config["id2label"]
+    def classifier() -> Any:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        options = dict(config)
+        if "id2label" in options:
+            labels = options["id2label"]
             assert isinstance(labels, dict)
-            config = {**config, "label2id": {v: k for k, v in labels.items()}}
-        BertForSequenceClassification(BertConfig(**config)).eval().save_pretrained(staging)
-        tokenizer = AutoTokenizer.from_pretrained(fixtures.tokenizer_source())
-        tokenizer.model_max_length = fixtures.MAX_LENGTH
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+            options["label2id"] = {v: k for k, v in labels.items()}
+        return BertForSequenceClassification(BertConfig(**options))
+
+    return fixtures.ensure_seeded_model(root / name, classifier)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
