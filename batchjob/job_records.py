@@ -80,6 +80,73 @@ def _by_time(records: Iterable[dict[str, Any]], at: str) -> list[dict[str, Any]]
     return sorted(records, key=lambda r: (float(r.get(at) or 0), str(r.get("run_id", ""))))
 
 
+class Each:
+    """A record's object whose keys are names (shards), each value of `shape`."""
+
+    def __init__(self, shape: object) -> None:
+        self.shape = shape
+
+
+_NUMBER = (int, float)
+_COUNTS = {"documents": int, "errors": int, "real_tokens": int}
+# What readers of each kind of record take from it: a record that doesn't fit (edited by
+# hand, or by someone who shouldn't) is skipped with a warning, never a traceback.
+_SHAPES: dict[str, dict[str, object]] = {
+    "runs": {
+        "run_id": str,
+        "started": _NUMBER,
+        "finished": _NUMBER,
+        "shards": {"done": [str], "skipped": [str], "failed": [{"shard": str, "error": str}]},
+        "counts": _COUNTS,
+        "timings": {"seconds": _NUMBER},
+    },
+    "submissions": {"shards": [str], "sent": [str], "submitted": _NUMBER},
+    "messages": {
+        "started": _NUMBER,
+        "finished": _NUMBER,
+        "final": bool,
+        "failed": Each(str),
+        "shards": Each({"written": bool, "documents": int, "errors": int}),
+        "worker": str,
+        "worker_totals": {"busy_seconds": _NUMBER, **_COUNTS},
+    },
+}
+
+
+def misfit(key: str, record: dict[str, Any]) -> str | None:
+    """Why the record at `key` doesn't have its kind's shape; None when it does."""
+    kind = "runs" if key.startswith(RUNS) else key.rstrip("/").rsplit("/", 2)[-2]
+    return _misfit(record, _SHAPES.get(kind, {}), "")
+
+
+def _misfit(value: object, shape: object, where: str) -> str | None:
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the record'} is not an object"
+        required = {"shard", "error"} & set(shape)  # a run's failures are read by name
+        if missing := sorted(required - set(value)):
+            return f"{where} lacks {missing[0]}"
+        for name, inner in shape.items():
+            path = f"{where}.{name}".lstrip(".")
+            if name in value and (why := _misfit(value[name], inner, path)):
+                return why
+        return None
+    if isinstance(shape, Each):
+        if not isinstance(value, dict):
+            return f"{where} is not an object"
+        found = (_misfit(v, shape.shape, f"{where}[{k!r}]") for k, v in value.items())
+        return next((why for why in found if why), None)
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} is not a list"
+        found = (_misfit(v, shape[0], f"{where}[{i}]") for i, v in enumerate(value))
+        return next((why for why in found if why), None)
+    assert isinstance(shape, type | tuple)
+    if not isinstance(value, shape) or (isinstance(value, bool) and shape is not bool):
+        return f"{where} has the wrong type ({type(value).__name__})"
+    return None
+
+
 def summarize_runs(records: list[dict[str, Any]]) -> dict[str, Any]:
     """`_manifest.json`: what the latest run to finish did (its record, as the manifest always
     said: its shards done, skipped and failed, its counts and times), and the list of every

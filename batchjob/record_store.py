@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from batchjob.errors import StorageError
-from batchjob.job_records import JOBS, RUNS, run_key, summarize_runs
+from batchjob.job_records import JOBS, RUNS, misfit, run_key, summarize_runs
 from batchjob.s3 import S3Error, S3Url, is_s3
 from batchjob.sinks import manifest_bytes
 from batchjob.storage import Storage, existing_local_outputs
@@ -94,6 +94,9 @@ async def read_record(storage: Storage, output: str, key: str) -> dict[str, Any]
         raise
     if not isinstance(value, dict):
         log.warning("%s: not a JSON object: skipped", where)
+        return None
+    if why := misfit(key, value):
+        log.warning("%s: not a record batchjob wrote (%s): skipped", where, why)
         return None
     return value
 

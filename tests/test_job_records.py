@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from batchjob.job_records import job_status, run_key, summarize_runs
+from batchjob.job_records import job_status, misfit, run_key, summarize_runs
 from batchjob.record_store import publish_run, read_records, record_keys
 from batchjob.storage import Storage
 from tests.conftest import invoke, make_texts, run_job, write_jsonl
@@ -144,3 +144,32 @@ def test_status_of_runs_and_a_job_with_eta_and_cost() -> None:
     alone = job_status([], [], [run], {"x.parquet"})
     assert (alone.done, alone.failed, alone.exit_code) == (1, {"y.jsonl": "bad"}, 1)
     assert job_status([], [], [run], {"x.parquet", "y.parquet"}).exit_code == 0
+
+
+def test_a_tampered_record_is_skipped_not_a_traceback(
+    artifact: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Records are read back by every run (the summary) and by `status`: one edited by hand,
+    or written by someone who shouldn't, is skipped with a warning naming the field."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_jsonl(inp / "a.jsonl", [{"id": f"a{i}", "text": t} for i, t in enumerate(make_texts(3))])
+    assert run_job(artifact, inp, out) == 0
+    capsys.readouterr()
+    [real] = (out / "_batchjob" / "runs").iterdir()
+    assert misfit(f"_batchjob/runs/{real.name}", json.loads(real.read_text())) is None
+    tampered = {"run_id": 5, "shards": 5, "counts": "x", "finished": "soon"}
+    (out / "_batchjob" / "runs" / "x.json").write_text(json.dumps(tampered))
+    assert misfit("_batchjob/runs/x.json", tampered) == "run_id has the wrong type (int)"
+    bad_message = {"shards": {"a.jsonl": {"written": True, "documents": "3"}}}
+    assert misfit("_batchjob/jobs/j/messages/m.json", bad_message) == (
+        "shards['a.jsonl'].documents has the wrong type (str)"
+    )
+    assert misfit("_batchjob/runs/y.json", {"shards": {"failed": [{"shard": "a"}]}}) == (
+        "shards.failed[0] lacks error"
+    )
+    code, stdout, err = invoke(["status", "--output", str(out)], capsys)
+    assert code == 0, err  # the real run's record still says the job is complete
+    assert stdout.startswith(f"{out}: complete: 1/1 shards done")
+    assert "Traceback" not in err
+    assert run_job(artifact, inp, out, resume=True) == 0  # the next run's summary skips it too
+    assert len(json.loads((out / "_manifest.json").read_text())["runs"]) == 2
