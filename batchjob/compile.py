@@ -28,6 +28,7 @@ from batchjob.artifact import (
 )
 from batchjob.artifact_manifest import FORMAT_VERSION, WEIGHTS_FILE, graph_name
 from batchjob.backends import get_backend
+from batchjob.backends.cpu import native_bf16
 from batchjob.batching import Item, PackingBatcher, Shape
 from batchjob.compile_plan import calibration_sample, plan, resolve_dtype
 from batchjob.config import (
@@ -85,6 +86,11 @@ def _compile(spec: CompileSpec, output: str, *, into_cache: bool) -> Artifact:
     task = spec.task or infer_task(spec.model)
     dtype = resolve_dtype(spec)
     backend = get_backend(spec.backend)
+    if dtype == "bf16" and backend.device == "cpu" and not native_bf16():
+        log.warning(
+            "this CPU has no native bf16 matmuls: the bf16 graphs run slower than fp32 here "
+            "(--dtype auto picks fp32 on such a CPU)"
+        )
     # Neuron compilers cast fp32 weights themselves; only the CPU needs bf16 weights.
     weights = torch.bfloat16 if dtype == "bf16" and backend.device == "cpu" else torch.float32
     started = time.monotonic()

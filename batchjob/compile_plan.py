@@ -8,8 +8,9 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from batchjob.attention import ATTENTION_BMM, ATTENTION_SDPA, takes_attention_function
+from batchjob.backends.cpu import native_bf16
 from batchjob.batching import Shape
 from batchjob.config import (
     DEFAULT_MAX_BATCH_TOKENS,
@@ -20,13 +21,7 @@ from batchjob.config import (
     resolve_shapes,
 )
 from batchjob.errors import UsageError
-from batchjob.graphs import (
-    ATTENTION_BMM,
-    ATTENTION_SDPA,
-    position_offset,
-    supports_packing,
-    takes_attention_function,
-)
+from batchjob.graphs import position_offset, supports_packing
 from batchjob.models import LoadedModel
 
 log = logging.getLogger("batchjob.compile")
@@ -40,14 +35,13 @@ def resolve_dtype(spec: CompileSpec) -> str:
         return spec.dtype
     if spec.backend != "cpu":
         return "bf16"
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return "bf16" if native else "fp32"
+    return "bf16" if native_bf16() else "fp32"
 
 
 @dataclass(frozen=True)
 class Plan:
     """What to compile: the strategy its batcher uses, its shapes, packing's settings, and
-    how the graphs compute attention (graphs.ATTENTIONS)."""
+    how the graphs compute attention (attention.ATTENTIONS)."""
 
     strategy: str
     shapes: tuple[Shape, ...]

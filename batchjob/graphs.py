@@ -15,12 +15,8 @@ to each segment: for classification the first token of the segment through the f
 pooler and classifier (or its mean, where the model pools by mean); for embeddings the
 model's pooling over the segment's real tokens, then its Dense and Normalize modules.
 
-For the families mirrored here that compute attention through transformers' attention
-functions (all but MPNet, whose own attention is plain matmuls already), attention can be
-computed as two batched matmuls (`ATTENTION_BMM`) instead of the model's SDPA: in a packed
-bf16 bert-base graph on one CPU thread that halves attention's time (SDPA's flash kernel for
-CPU is slow in bf16 at these lengths) and `batchjob run` is ~6% faster end to end
-(BENCHMARKS.md, "The graph").
+How attention is computed is attention.py's; classification and CLS pooling compute the last
+layer for each segment's first token only (first_tokens.py).
 """
 
 from __future__ import annotations
@@ -30,12 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchjob import first_tokens
+from batchjob.attention import ATTENTION_BMM, ATTENTION_SDPA, use_attention
 from batchjob.models import LoadedModel
-
-ATTENTION_SDPA = "sdpa"  # the model's own attention implementation, as loaded
-ATTENTION_BMM = "bmm"  # bmm_attention below
-ATTENTIONS = (ATTENTION_SDPA, ATTENTION_BMM)
-_BMM_NAME = "batchjob_bmm"
 
 # Families whose encoder honours a 4-D mask and explicit position ids, and whose heads are
 # mirrored below; packed == unpacked is proven for each in tests/test_packing.py. MPNet's
@@ -66,12 +59,6 @@ def position_offset(config: Any) -> int:
     return int(config.pad_token_id) + 1 if config.model_type in _ROBERTA_POSITIONS else 0
 
 
-def takes_attention_function(model: Any) -> bool:
-    """Whether `model` computes attention through transformers' AttentionInterface, so that
-    `use_attention` can swap it (MPNet has its own matmuls, which bmm_attention mirrors)."""
-    return bool(getattr(model, "_supports_attention_backend", False))
-
-
 def attention_mask(config: Any, keep: torch.Tensor, dtype: torch.dtype) -> Any:
     """`keep` (B, 1, S, S) bool → the additive mask the model takes (per layer type)."""
     additive = (~keep).to(dtype) * torch.finfo(dtype).min
@@ -87,8 +74,9 @@ def attention_mask(config: Any, keep: torch.Tensor, dtype: torch.dtype) -> Any:
     return {"full_attention": additive, "sliding_attention": local}
 
 
-def classify(model: Any, first: torch.Tensor, mean: torch.Tensor) -> Any:
-    """The family's classification head on pooled segments `(N, H)` → logits `(N, C)`."""
+def classify(model: Any, first: torch.Tensor, mean: torch.Tensor | None) -> Any:
+    """The family's classification head on pooled segments `(N, H)` → logits `(N, C)`;
+    `mean` is needed only where the head pools by mean (ModernBERT's option)."""
     kind = model.config.model_type
     if kind == "bert":
         return model.classifier(model.dropout(model.bert.pooler(first[:, None])))
@@ -98,6 +86,7 @@ def classify(model: Any, first: torch.Tensor, mean: torch.Tensor) -> Any:
         return model.classifier(model.dropout(nn.functional.relu(model.pre_classifier(first))))
     if kind == "modernbert":
         pooled = mean if model.config.classifier_pooling == "mean" else first
+        assert pooled is not None
         return model.classifier(model.drop(model.head(pooled)))
     raise ValueError(f"no packed classification head for model type {kind!r}")
 
@@ -132,52 +121,6 @@ def _pool_one(hidden: torch.Tensor, member: torch.Tensor, mode: str) -> torch.Te
     return total / count.clamp(min=1e-9)
 
 
-def bmm_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Softmax(Q Kᵀ · scale + mask) V as baddbmm, softmax, bmm over (batch × heads).
-
-    The additive mask and the scale ride in the first matmul; the output is laid out as the
-    models' attention functions return it, (B, S, heads, D). Eval only: no dropout.
-    """
-    b, h, s, d = query.shape
-    n = key.shape[2]
-    scale = scaling if scaling is not None else d**-0.5
-    q = query.reshape(b * h, s, d)
-    k = key.reshape(b * h, n, d).transpose(1, 2)
-    if attention_mask is None:
-        scores = torch.bmm(q, k) * scale
-    else:
-        # A view when the mask comes expanded over the heads already (EncoderGraph does that
-        # once for every layer), else a copy per layer.
-        bias = attention_mask[..., :n].expand(b, h, s, n).reshape(b * h, s, n)
-        scores = torch.baddbmm(bias.to(q.dtype), q, k, alpha=scale)
-    out = torch.bmm(scores.softmax(dim=-1), value.reshape(b * h, n, d))
-    return out.view(b, h, s, d).transpose(1, 2).contiguous(), None
-
-
-def use_attention(model: Any, attention: str) -> None:
-    """Make `model` (loaded for tracing) compute attention the `attention` way."""
-    if attention == ATTENTION_SDPA:
-        return
-    if attention != ATTENTION_BMM:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
-    if not takes_attention_function(model):
-        # transformers would only warn and keep the model's own attention.
-        raise ValueError(f"attention {attention!r}: {type(model).__name__} has its own attention")
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_BMM_NAME, bmm_attention)
-    model.set_attn_implementation(_BMM_NAME)
-
-
 class EncoderGraph(nn.Module):
     """Buckets (`packed=False`, one record per row) or packing (up to K records per row)."""
 
@@ -206,6 +149,13 @@ class EncoderGraph(nn.Module):
         use_attention(self.model, attention)
         self.attention = attention
         self.heads = int(getattr(loaded.config, "num_attention_heads", 0) or loaded.config.n_heads)
+        # The model stops one layer short, and this computes the last one for each segment's
+        # first token only, where nothing else of it is read (first_tokens.py).
+        self.last = (
+            first_tokens.FirstTokenLayer(self.model.base_model)
+            if self.mirrored and first_tokens.applies(loaded.config, self.task, self.pooling)
+            else None
+        )
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -234,13 +184,17 @@ class EncoderGraph(nn.Module):
         member = segment_ids[:, None, :] == slots[None, :, None]  # (B, K, S)
         encoder: Any = self.model.base_model if self.task == "text-classification" else self.model
         hidden = encoder(**kwargs).last_hidden_state
+        b, k = segment_index.shape
+        if self.last is not None:
+            first = self.last(hidden, kwargs["attention_mask"], segment_index)  # (B, K, H)
+        else:
+            first = hidden.gather(1, segment_index[..., None].expand(b, k, hidden.shape[-1]))
         if self.task == "text-classification":
-            b, k = segment_index.shape
-            index = segment_index[..., None].expand(b, k, hidden.shape[-1])
-            first = hidden.gather(1, index)  # (B, K, H)
-            mean = pool(hidden, member, "mean")
-            logits = classify(self.model, first.flatten(0, 1), mean.flatten(0, 1))
+            mean = None if self.last is not None else pool(hidden, member, "mean").flatten(0, 1)
+            logits = classify(self.model, first.flatten(0, 1), mean)
             out = logits.float().view(b, k, -1)
+        elif self.last is not None:
+            out = self.after(first.float())  # CLS pooling
         else:
             out = self.after(pool(hidden.float(), member, self.pooling))
         return out if self.packed else out[:, 0]

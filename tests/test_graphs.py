@@ -1,4 +1,4 @@
-"""Attention as batched matmuls (graphs.ATTENTION_BMM): the same outputs as the model's own.
+"""Attention as batched matmuls (attention.ATTENTION_BMM): the same outputs as the model's own.
 
 Packed bf16 graphs on CPU compute attention with baddbmm/softmax/bmm (compile_plan.plan chooses
 it); every packing family is checked here as tests/test_packing.py checks SDPA: each
@@ -18,12 +18,14 @@ import pytest
 import torch
 
 from batchjob import compile as compiling
-from batchjob.backends.cpu import fuse_linear_epilogues
+from batchjob.artifact import map_weights
+from batchjob.attention import ATTENTION_BMM, ATTENTION_SDPA, bmm_attention
+from batchjob.backends import cpu
+from batchjob.backends.cpu import fuse_linear_epilogues, native_bf16
 from batchjob.batching import Shape
-from batchjob.compile import compile_artifact
+from batchjob.compile import compile_artifact, packed_example
 from batchjob.compile_plan import Plan, plan
 from batchjob.config import CompileSpec
-from batchjob.graphs import ATTENTION_BMM, ATTENTION_SDPA, bmm_attention
 from batchjob.models import load_model
 from tests.conftest import cosine, make_texts
 from tests.family_models import build, eager_outputs, packed_outputs
@@ -148,13 +150,50 @@ def test_linear_epilogues_fuse_bias_and_gelu_and_compute_the_same() -> None:
 def test_only_bf16_cpu_graphs_get_onednn_linears(
     classifier_dir: Path, dtype: str, tmp_path: Path
 ) -> None:
-    """bf16's linears fused, fp32's left to aten (its results are pinned to 1e-5)."""
+    """bf16's linears fused where the CPU has native bf16 matmuls (oneDNN has no bf16 kernel
+    without them), fp32's left to aten (its results are pinned to 1e-5)."""
     spec = CompileSpec(model=str(classifier_dir), dtype=dtype, shapes=(SHAPE,), packing=True)
     artifact = compile_artifact(spec, str(tmp_path / "artifact"))
     graph = torch.jit.load(artifact.graph_path(SHAPE)).graph
-    fused = "mkldnn::_linear_pointwise" in node_kinds(graph)
-    assert fused == (dtype == "bf16")
-    assert ("aten::linear" in node_kinds(graph)) == (dtype == "fp32")
+    fused = dtype == "bf16" and native_bf16()
+    assert ("mkldnn::_linear_pointwise" in node_kinds(graph)) == fused
+    assert ("aten::linear" in node_kinds(graph)) == (not fused)
+
+
+def test_bf16_graph_fused_for_native_bf16_runs_on_a_cpu_without_it(
+    classifier_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An artifact compiled on a CPU with native bf16 (its linears oneDNN's) loads on one
+    without (AMD Zen 3, where oneDNN can't create them) with aten's linears again, the same
+    outputs, and a warning naming the graph."""
+    spec = CompileSpec(model=str(classifier_dir), dtype="bf16", shapes=(SHAPE,), packing=True)
+    artifact = compile_artifact(spec, str(tmp_path / "artifact"))
+    assert artifact.weights_path is not None
+    weights = map_weights(artifact.weights_path)
+    inputs = packed_example(SHAPE, artifact.max_segments, artifact.position_offset, 1000)
+    as_compiled = cpu.BACKEND.load(artifact.graph_path(SHAPE), weights)
+    with torch.inference_mode():
+        want = as_compiled(*inputs)
+    fused_path = str(tmp_path / "fused.pt")
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)  # as where it was compiled
+    fused = cpu.BACKEND.load(artifact.graph_path(SHAPE), weights)
+    fuse_linear_epilogues(fused.graph)
+    cpu.BACKEND.save(fused, fused_path)
+    assert "mkldnn::_linear_pointwise" in node_kinds(cpu.BACKEND.load(fused_path, weights).graph)
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    loaded = cpu.BACKEND.load(fused_path, weights)
+    kinds = node_kinds(loaded.graph)
+    assert "mkldnn::_linear_pointwise" not in kinds
+    assert {"aten::linear", "aten::gelu"} <= kinds
+    assert "fused.pt: compiled for CPUs with native bf16 matmuls" in caplog.text
+    with torch.inference_mode():
+        got = loaded(*inputs)
+    # Fused, the GELU takes the unrounded sum: bf16 rounding apart, the same.
+    assert cosine(got.flatten(0, 1).numpy(), want.flatten(0, 1).numpy()).min() >= 0.999
 
 
 @pytest.mark.parametrize(

@@ -18,18 +18,24 @@ In bf16, every linear layer becomes oneDNN's `_linear_pointwise`, which adds the
 GELU that follows the layer) to the fp32 accumulator inside the matmul, where aten's linear
 copies the bias into the output first and GELU reads and writes the whole activation once
 more: the packed bert-base graph runs 12% faster (BENCHMARKS.md, "The graph"). fp32 linears
-stay on aten's, whose results the tests pin to 1e-5.
+stay on aten's, whose results the tests pin to 1e-5. oneDNN's bf16 matmuls need a CPU with
+native bf16 (AVX-512 BF16 or AMX): elsewhere (e.g. AMD Zen 3) a bf16 graph keeps aten's
+linears, and one compiled on a machine that has it is turned back into aten's when loaded,
+so an artifact runs on every x86 CPU (slower than fp32 where bf16 is emulated).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from batchjob.errors import BatchJobError
+
+log = logging.getLogger("batchjob.backends.cpu")
 
 # The attribute listing a graph's lifted weights, saved with the graph.
 WEIGHT_NAMES = "batchjob_weights"
@@ -55,7 +61,7 @@ class CpuBackend:
         with torch.inference_mode(False), torch.no_grad():
             traced = torch.jit.trace(module.eval(), example_inputs, check_trace=False)
             frozen: torch.jit.ScriptModule = torch.jit.freeze(traced)
-        if dtype == "bf16" and torch.backends.mkldnn.is_available():
+        if dtype == "bf16" and native_bf16():
             fuse_linear_epilogues(frozen.graph)
         lift_weights(frozen)
         return frozen
@@ -81,6 +87,13 @@ class CpuBackend:
             if tensor is None:
                 raise BatchJobError(f"{path}: needs {name}, which the weights file lacks")
             module._c.setattr(name, tensor)
+        if not native_bf16() and unfuse_linear_epilogues(module.graph):
+            log.warning(
+                "%s: compiled for CPUs with native bf16 matmuls, which this one lacks: its "
+                "linear layers run through aten's emulated bf16 here (compile with --dtype "
+                "fp32 for this machine)",
+                path,
+            )
         return module.eval()
 
 
@@ -94,6 +107,7 @@ def with_private_weights(module: torch.jit.ScriptModule) -> torch.jit.ScriptModu
     return frozen
 
 
+_POINTWISE = "mkldnn::_linear_pointwise"
 # GELU first: the plain linear pattern would otherwise take the layer away from its GELU.
 _LINEAR_GELU = (
     """graph(%x, %w, %b, %approximate):
@@ -119,12 +133,44 @@ _LINEAR = (
 )
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively, as oneDNN's bf16 matmuls need."""
+    return torch.backends.mkldnn.is_available() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
 def fuse_linear_epilogues(graph: torch._C.Graph) -> None:
     """Linear layers (and a GELU after one) as oneDNN matmuls with the bias and the GELU in
     the matmul's epilogue (see the module's docstring)."""
     for pattern, replacement in (_LINEAR_GELU, _LINEAR):
         torch._C._jit_pass_custom_pattern_based_rewrite_graph(pattern, replacement, graph)
     graph.lint()
+
+
+def unfuse_linear_epilogues(graph: torch._C.Graph) -> bool:
+    """`fuse_linear_epilogues` undone: aten's linear (and GELU) again. Whether any was fused.
+    By hand: the fused nodes share their constant arguments, which a pattern can't match."""
+    fused = [node for node in _nodes(graph.block()) if node.kind() == _POINTWISE]
+    for node in fused:
+        x, weight, bias, op, _scalars, approximate = node.inputs()
+        epilogue: object = op.toIValue()
+        if epilogue not in ("none", "gelu"):
+            raise BatchJobError(f"a oneDNN linear layer with a {epilogue!r} epilogue")
+        linear = graph.create("aten::linear", [x, weight, bias], 1)
+        linear.insertBefore(node)
+        out = linear.output()
+        if epilogue == "gelu":
+            gelu = graph.create("aten::gelu", [out, approximate], 1)
+            gelu.insertBefore(node)
+            out = gelu.output()
+        linear.output().setType(node.output().type())
+        out.setType(node.output().type())
+        node.output().replaceAllUsesWith(out)
+        node.destroy()
+    torch._C._jit_pass_dce(graph)
+    graph.lint()
+    return bool(fused)
 
 
 def lift_weights(module: torch.jit.ScriptModule) -> list[str]:
