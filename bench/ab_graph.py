@@ -5,7 +5,7 @@ variants' runs alternating, medians compared.
                              [--variant NAME='--compile flags'] ...
 
 Each `--attention` value compiles the default artifact with that attention implementation
-(graphs.ATTENTIONS, forced past compile.plan's own choice); each `--variant` compiles with
+(attention.ATTENTIONS, forced past compile.plan's own choice); each `--variant` compiles with
 the given flags (the default attention). Every artifact is compiled once into the bench
 cache, then `batchjob run` (start-up included) runs each in turn, `--repeats` rounds. Each
 `--code NAME=DIR` runs the default artifact with the batchjob package found under DIR (e.g.

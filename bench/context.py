@@ -1,6 +1,6 @@
 """What every row of the bench shares: the fixtures, the compiled artifacts (resolved once,
-so that every row runs the same ones), the bf16 matmul rate sampled between the rows, and
-the results as they come in."""
+so that every row runs the same ones), the matmul rate (the bench's dtype) sampled between
+the rows, and the results as they come in."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class Results:
 
 
 class Bench:
-    """The fixtures, the artifacts, and the bf16 matmul rate sampled between the rows."""
+    """The fixtures, the artifacts, and the matmul rate sampled between the rows."""
 
     def __init__(self, args: argparse.Namespace, cores: int) -> None:
         self.args, self.cores = args, cores
@@ -80,16 +80,16 @@ class Bench:
             shown = " ".join(flags) or "no flags"
             say(f"artifact {name} ({shown}): {describe_artifact(path)}; {took}: {path}")
             self.artifacts[name] = path
-        self.samples: list[ideal.MatmulSample] = []  # bf16 matmul rates, every round
+        self.samples: list[ideal.MatmulSample] = []  # matmul rates, every round
 
     def matmul(self, rounds: int) -> None:
         for _ in range(rounds):
-            found = ideal.sample(self.config, MATMUL_SECONDS)
+            found = ideal.sample(self.config, MATMUL_SECONDS, fixtures.bench_dtype())
             self.samples += found
             top = ideal.best(found)
             say(
-                f"(d) bf16 matmul: best {top.flops_per_s / 1e9:.0f} GFLOP/s, {top.shape}, "
-                f"{top.mode}; best so far {self.rate / 1e9:.0f}"
+                f"(d) {fixtures.bench_dtype()} matmul: best {top.flops_per_s / 1e9:.0f} "
+                f"GFLOP/s, {top.shape}, {top.mode}; best so far {self.rate / 1e9:.0f}"
             )
 
     @property

@@ -63,6 +63,21 @@ def cpu_family() -> str:
     return f"cpu family {info.get('cpu family', '?')}, {info.get('model name', '?')}"
 
 
+def bench_dtype() -> str:
+    """The dtype every row runs in, the peers' included, and whose matmul rate is (d)'s: what
+    `--dtype auto` compiles here. bf16 where the CPU multiplies it natively (AVX-512 BF16,
+    AMX), else fp32: on AMD Zen 3, bf16 is emulated and slower than fp32."""
+    from batchjob.backends.cpu import native_bf16
+
+    return "bf16" if native_bf16() else "fp32"
+
+
+def bench_torch_dtype() -> Any:
+    import torch
+
+    return torch.bfloat16 if bench_dtype() == "bf16" else torch.float32
+
+
 def cache_root(repo: Path) -> Path:
     return repo / ".cache" / "bench" / f"v{CACHE_VERSION}"
 

@@ -1,4 +1,5 @@
-"""(d)'s rate: the best bf16 matmul rate this machine reaches at the model's layer shapes.
+"""(d)'s rate: the best matmul rate this machine reaches at the model's layer shapes, in the
+bench's dtype (fixtures.bench_dtype: bf16 where the CPU has it natively, else fp32).
 
 The strictest honest ideal: every linear layer shape of the encoder ((M×h)@(h×h),
 (M×h)@(h×ffn), (M×ffn)@(ffn×h)) at M = 1,024 and 2,048 rows (larger M is slower here,
@@ -41,6 +42,7 @@ def layer_shapes(config: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def _worker(
+    dtype: str,
     cpu: int | None,
     threads: int,
     shapes: list[tuple[int, int, int]],
@@ -55,9 +57,10 @@ def _worker(
     torch.set_num_threads(threads)
     rates = []
     for m, k, n in shapes:
-        a = torch.randn(m, k).to(torch.bfloat16)
-        b = torch.randn(k, n).to(torch.bfloat16)
-        out = torch.empty(m, n, dtype=torch.bfloat16)
+        kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+        a = torch.randn(m, k).to(kind)
+        b = torch.randn(k, n).to(kind)
+        out = torch.empty(m, n, dtype=kind)
         for _ in range(3):
             torch.mm(a, b, out=out)
         flops = 2 * m * k * n
@@ -73,13 +76,17 @@ def _worker(
 
 
 def _run(
-    cpus: list[int | None], threads: int, shapes: list[tuple[int, int, int]], seconds: float
+    dtype: str,
+    cpus: list[int | None],
+    threads: int,
+    shapes: list[tuple[int, int, int]],
+    seconds: float,
 ) -> list[list[tuple[float, float]]]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(len(cpus)) if len(cpus) > 1 else None
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(c, threads, shapes, seconds, barrier, results))
+        ctx.Process(target=_worker, args=(dtype, c, threads, shapes, seconds, barrier, results))
         for c in cpus
     ]
     for p in procs:
@@ -91,17 +98,17 @@ def _run(
     return found
 
 
-def sample(config: dict[str, Any], seconds: float) -> list[MatmulSample]:
+def sample(config: dict[str, Any], seconds: float, dtype: str) -> list[MatmulSample]:
     """One round: every layer shape at every M, per core and with every thread."""
     shapes = [(m, k, n) for m in ROWS for k, n in layer_shapes(config)]
     cores = sorted(os.sched_getaffinity(0))
     found = []
-    per_core = _run(list(cores), 1, shapes, seconds)
+    per_core = _run(dtype, list(cores), 1, shapes, seconds)
     for i, (m, k, n) in enumerate(shapes):
         wall = sum(p[i][0] for p in per_core)
         cpu = sum(p[i][1] for p in per_core) / len(per_core)
         found.append(MatmulSample(PER_CORE, m, k, n, wall, cpu))
-    (threaded,) = _run([None], len(cores), shapes, seconds)
+    (threaded,) = _run(dtype, [None], len(cores), shapes, seconds)
     for (m, k, n), (wall, cpu) in zip(shapes, threaded, strict=True):
         found.append(MatmulSample(THREADS, m, k, n, wall, cpu))
     return found

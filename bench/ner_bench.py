@@ -5,8 +5,9 @@ the same documents (the bench's short corpus, bench/fixtures.py), in the same ru
 The model is bert-base shaped (BertConfig() defaults) with CoNLL's nine labels, seeded
 random weights and MiniLM's tokenizer (128 tokens), as the other rows' classifier: random
 labels change from token to token, so entities are many, the host's aggregation work the
-most it gets. Both sides run bf16 on every core: the pipeline on `nproc` threads (warmed up,
-timed until done or its budget is spent), `batchjob run` with its defaults (packing, a
+most it gets. Both sides run the bench's dtype (bf16 where native, else fp32) on every
+core: the pipeline on `nproc` threads (warmed up, timed until done or its budget is spent),
+`batchjob run` with its defaults (packing, a
 replica per core), timed from replicas ready to the last shard written (the manifest's
 pipeline_seconds) and also end to end (wall, start-up included).
 
@@ -65,8 +66,8 @@ def ensure_ner_model(root: Path) -> Path:
 
 
 class NerPipeline(peers.HfPipeline):
-    """transformers' token-classification pipeline, aggregation simple, bf16, on `threads`
-    threads (it truncates to the tokenizer's 128 tokens itself)."""
+    """transformers' token-classification pipeline, aggregation simple, the bench's dtype, on
+    `threads` threads (it truncates to the tokenizer's 128 tokens itself)."""
 
     def __init__(self, model: Path, threads: int) -> None:
         import torch
@@ -77,7 +78,7 @@ class NerPipeline(peers.HfPipeline):
         self.pipe = pipeline(
             "token-classification",
             model=str(model),
-            dtype=torch.bfloat16,
+            dtype=fixtures.bench_torch_dtype(),
             device="cpu",
             aggregation_strategy="simple",
         )

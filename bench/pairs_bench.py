@@ -1,7 +1,8 @@
 """`make bench`'s rows for the pair tasks: `batchjob run --task zero-shot-classification`
 against transformers' `pipeline("zero-shot-classification")`, and `batchjob run --task
 text-ranking` against sentence-transformers' `CrossEncoder.predict`, on the same documents
-in the same run, each peer in bf16 on every core at its best batch size of those tried.
+in the same run, each peer in the bench's dtype (bf16 where native, else fp32) on every
+core at its best batch size of those tried.
 
 The models are bert-base shaped (BertConfig() defaults), seeded random weights, MiniLM's
 tokenizer, as the bench's classifier: an NLI head (contradiction, neutral, entailment) and a
@@ -115,7 +116,9 @@ def zero_shot_row(root: Path, work: Path, args: argparse.Namespace, cores: int) 
         flush=True,
     )
     torch.set_num_threads(cores)
-    classify = pipeline("zero-shot-classification", model=str(model), dtype=torch.bfloat16)
+    classify = pipeline(
+        "zero-shot-classification", model=str(model), dtype=fixtures.bench_torch_dtype()
+    )
 
     def rate(batch_size: int) -> float:
         def call(a: int, b: int) -> int:
@@ -151,7 +154,7 @@ def ranking_row(root: Path, work: Path, args: argparse.Namespace, cores: int) ->
         flush=True,
     )
     torch.set_num_threads(cores)
-    encoder = CrossEncoder(str(model), model_kwargs={"dtype": torch.bfloat16})
+    encoder = CrossEncoder(str(model), model_kwargs={"dtype": fixtures.bench_torch_dtype()})
 
     def rate(batch_size: int) -> float:
         def call(a: int, b: int) -> int:

@@ -10,11 +10,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fixtures
+
 RAY_ROW = Path(__file__).resolve().parent / "ray_row.py"
 
 
 class HfPipeline:
-    """transformers' `pipeline("text-classification")` in bf16 on `threads` threads."""
+    """transformers' `pipeline("text-classification")` in the bench's dtype on `threads`
+    threads."""
 
     CHUNK = 48  # documents per call at least: the time budget is checked between calls
 
@@ -25,7 +28,10 @@ class HfPipeline:
         torch.set_num_threads(threads)
         started = time.perf_counter()
         self.pipe = pipeline(
-            "text-classification", model=str(model), dtype=torch.bfloat16, device="cpu"
+            "text-classification",
+            model=str(model),
+            dtype=fixtures.bench_torch_dtype(),
+            device="cpu",
         )
         self.load_seconds = time.perf_counter() - started
         self.options = {"truncation": True, "max_length": max_length}
@@ -74,6 +80,7 @@ def ray_data(
     command = [sys.executable, str(RAY_ROW), *chosen, "--input", str(input_dir)]
     command += ["--output", str(output_dir), "--actors", str(actors), "--result", str(result)]
     command += ["--batch-size", str(batch_size), "--max-length", str(max_length)]
+    command += ["--dtype", fixtures.bench_dtype()]
     if block is not None:
         command += ["--block", str(block)]
     started = time.perf_counter()

@@ -92,13 +92,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def matmul_per_cpu_second(config: dict[str, Any]) -> dict[str, float]:
-    """The bf16 matmul's FLOPs per CPU-second at the layer shapes (M = 1,024), this thread."""
+    """The matmul's FLOPs per CPU-second (the bench's dtype) at the layer shapes (M = 1,024),
+    this thread."""
     import ideal
     import torch
 
     rates = {}
     for k, n in ideal.layer_shapes(config):
-        a, b = torch.randn(1024, k).bfloat16(), torch.randn(k, n).bfloat16()
+        kind = fixtures.bench_torch_dtype()
+        a, b = torch.randn(1024, k).to(kind), torch.randn(k, n).to(kind)
         for _ in range(3):
             torch.mm(a, b)
         count, started = 0, time.thread_time()
@@ -172,7 +174,7 @@ def main() -> int:
         f"docs a row, fuser {args.fuser}; cpu family {family}; {n} batches profiled; "
         f"{per_batch:.3f} CPU-s a batch unprofiled, {total:.3f} profiled"
     )
-    print("bf16 matmul here, per CPU-second: " + ", ".join(
+    print(f"{fixtures.bench_dtype()} matmul here, per CPU-second: " + ", ".join(
         f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()
     ))  # fmt: skip
     print()

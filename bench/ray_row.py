@@ -1,9 +1,9 @@
 """The Ray Data rows, each run as its own process so that its start-up is part of its time:
 `ray.init` with local resources only (no dashboard), the corpus's jsonl shards read with
 `ray.data.read_json`, a pool of actors fed by `map_batches`, the labels written as Parquet.
-Each actor holds either a tokenizer and the model (transformers' `pipeline` in bf16, one
-torch thread: the peer), or, with `--predictor ARTIFACT`, `batchjob.ray.Predictor` over the
-compiled artifact (one replica, one torch thread).
+Each actor holds either a tokenizer and the model (transformers' `pipeline` in the bench's
+dtype, one torch thread: the peer), or, with `--predictor ARTIFACT`, `batchjob.ray.Predictor`
+over the compiled artifact (one replica, one torch thread).
 
     python bench/ray_row.py --model DIR --input DIR --output DIR --actors 2 --batch-size 8
     python bench/ray_row.py --predictor ARTIFACT --input DIR --output DIR --actors 2 --block 300
@@ -24,12 +24,13 @@ STARTED = time.perf_counter()
 class Classifier:
     """One actor: the pipeline loaded once, then called per batch of documents."""
 
-    def __init__(self, model: str, batch_size: int, max_length: int) -> None:
+    def __init__(self, model: str, batch_size: int, max_length: int, dtype: str) -> None:
         import torch
         from transformers import pipeline
 
         torch.set_num_threads(1)  # one actor per CPU
-        self.pipe = pipeline("text-classification", model=model, dtype=torch.bfloat16)
+        kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.pipe = pipeline("text-classification", model=model, dtype=kind)
         self.options = {"batch_size": batch_size, "truncation": True, "max_length": max_length}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8, help="the pipeline's batch size")
     p.add_argument("--block", type=int, default=64, help="documents per map_batches call")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the pipeline's")
     p.add_argument("--result", required=True, help="write the timings here as JSON")
     args = p.parse_args()
     if (args.model is None) == (args.predictor is None):
@@ -76,7 +78,7 @@ def main() -> int:
     if args.predictor is None:
         dataset = read.map_batches(
             Classifier,
-            fn_constructor_args=(args.model, args.batch_size, args.max_length),
+            fn_constructor_args=(args.model, args.batch_size, args.max_length, args.dtype),
             batch_size=args.block,
             concurrency=args.actors,
             num_cpus=0.9,

@@ -9,6 +9,7 @@ from typing import Any
 import fixtures
 import numpy as np
 from context import MAX_LENGTH, SHARDS, Bench, Results, describe_artifact
+from fixtures import bench_dtype
 from ideal import best as best_matmul
 from ideal import summary as matmul_summary
 
@@ -90,7 +91,7 @@ def build_rows(bench: Bench, res: Results) -> list[Row]:
     c_quiet = median([quiet(n, s, u) for s, u in zip(pool.seconds, pool.cpu, strict=True)])
     top = best_matmul(bench.samples)
     rows = [
-        Row("a", f"(a) HF pipeline bf16, batch {hf.batch_size}, {bench.cores} threads",
+        Row("a", f"(a) HF pipeline {bench_dtype()}, batch {hf.batch_size}, {bench.cores} threads",
             hf.documents, int(real[: hf.documents].sum()), hf.seconds, ideal(hf.documents),
             hf.others, None, f"first {hf.documents} docs, load ({res.hf_load_seconds:.1f}s) not "
             f"counted; docs/s {hf_rates}"),
@@ -102,7 +103,7 @@ def build_rows(bench: Bench, res: Results) -> list[Row]:
         Row("c", "(c) model alone: same batches, ReplicaPool", n, pool.real_tokens,
             statistics.median(pool.seconds), ideal(n), res.pool_others, c_quiet,
             seconds_note(pool.seconds, "passes")),
-        Row("d", "(d) ideal: real-token FLOPs / bf16 matmul rate", n, int(real.sum()),
+        Row("d", f"(d) ideal: real-token FLOPs / {bench_dtype()} matmul rate", n, int(real.sum()),
             ideal(n), ideal(n), None, 1.0,
             f"{bench.flops(n) / 1e12:.1f} TFLOP at {top.flops_per_s / 1e9:.0f} GFLOP/s: "
             f"{top.shape}, {top.mode}; best of {len(bench.samples)} samples"),
@@ -142,7 +143,8 @@ def report(bench: Bench, res: Results, rows: list[Row], info: dict[str, Any]) ->
         f"transformers {versions['transformers']}"
     )
     print(
-        f"bert-base classifier (random weights, bf16); {n} docs in {SHARDS} jsonl shards, "
+        f"bert-base classifier (random weights, {bench_dtype()}); {n} docs in {SHARDS} jsonl "
+        f"shards, "
         f"tokens per doc p50 {stats['p50']:.0f} / p90 {stats['p90']:.0f} / p99 "
         f"{stats['p99']:.0f}, {stats['over_max_length']:.1%} over {MAX_LENGTH} (truncated)"
     )
@@ -191,7 +193,7 @@ def report(bench: Bench, res: Results, rows: list[Row], info: dict[str, Any]) ->
     )
     shapes = ", ".join(f"{k}: {v}" for k, v in sorted(res.pool.shapes.items()))
     print(f"default artifact: {describe_artifact(bench.artifacts['default'])}; batches: {shapes}")
-    print("bf16 matmul rates (GFLOP/s) sampled in this run; (d) takes the best:")
+    print(f"{bench_dtype()} matmul rates (GFLOP/s) sampled in this run; (d) takes the best:")
     print("\n".join(matmul_summary(bench.samples)))
     cpu_rate = bench.cpu_rate
     print(
