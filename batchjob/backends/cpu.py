@@ -18,10 +18,11 @@ In bf16, every linear layer becomes oneDNN's `_linear_pointwise`, which adds the
 GELU that follows the layer) to the fp32 accumulator inside the matmul, where aten's linear
 copies the bias into the output first and GELU reads and writes the whole activation once
 more: the packed bert-base graph runs 12% faster (BENCHMARKS.md, "The graph"). fp32 linears
-stay on aten's, whose results the tests pin to 1e-5. oneDNN's bf16 matmuls need a CPU with
-native bf16 (AVX-512 BF16 or AMX): elsewhere (e.g. AMD Zen 3) a bf16 graph keeps aten's
-linears, and one compiled on a machine that has it is turned back into aten's when loaded,
-so an artifact runs on every x86 CPU (slower than fp32 where bf16 is emulated).
+stay on aten's: the tests pin their results to 1e-5, and oneDNN's fp32 matmul was 10% slower
+on AMD Zen 3; their GELU is computed in place (`gelu_in_place`). oneDNN's bf16 matmuls need
+a CPU with native bf16 (AVX-512 BF16 or AMX): elsewhere (e.g. Zen 3) a bf16 graph keeps
+aten's linears, and one compiled on a machine that has it is turned back into aten's when
+loaded, so an artifact runs on every x86 CPU (slower than fp32 where bf16 is emulated).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class CpuBackend:
             frozen: torch.jit.ScriptModule = torch.jit.freeze(traced)
         if dtype == "bf16" and native_bf16():
             fuse_linear_epilogues(frozen.graph)
+        else:
+            gelu_in_place(frozen.graph)
         lift_weights(frozen)
         return frozen
 
@@ -108,6 +111,16 @@ def with_private_weights(module: torch.jit.ScriptModule) -> torch.jit.ScriptModu
 
 
 _POINTWISE = "mkldnn::_linear_pointwise"
+_GELU_IN_PLACE = (
+    """graph(%x, %w, %b, %approximate):
+        %y = aten::linear(%x, %w, %b)
+        %z = aten::gelu(%y, %approximate)
+        return (%z)""",
+    """graph(%x, %w, %b, %approximate):
+        %y = aten::linear(%x, %w, %b)
+        %z = aten::gelu_(%y, %approximate)
+        return (%z)""",
+)
 # GELU first: the plain linear pattern would otherwise take the layer away from its GELU.
 _LINEAR_GELU = (
     """graph(%x, %w, %b, %approximate):
@@ -148,6 +161,14 @@ def fuse_linear_epilogues(graph: torch._C.Graph) -> None:
     graph.lint()
 
 
+def gelu_in_place(graph: torch._C.Graph) -> None:
+    """aten's GELU after a linear layer computed in the layer's output, which nothing else
+    reads: no fresh activation-sized buffer a layer (fp32 bert-base graph on AMD Zen 3:
+    ~3.5% faster, BENCHMARKS.md "The graph"); the same results, bit for bit."""
+    torch._C._jit_pass_custom_pattern_based_rewrite_graph(*_GELU_IN_PLACE, graph)
+    graph.lint()
+
+
 def unfuse_linear_epilogues(graph: torch._C.Graph) -> bool:
     """`fuse_linear_epilogues` undone: aten's linear (and GELU) again. Whether any was fused.
     By hand: the fused nodes share their constant arguments, which a pattern can't match."""
@@ -161,7 +182,7 @@ def unfuse_linear_epilogues(graph: torch._C.Graph) -> bool:
         linear.insertBefore(node)
         out = linear.output()
         if epilogue == "gelu":
-            gelu = graph.create("aten::gelu", [out, approximate], 1)
+            gelu = graph.create("aten::gelu_", [out, approximate], 1)  # as gelu_in_place
             gelu.insertBefore(node)
             out = gelu.output()
         linear.output().setType(node.output().type())
