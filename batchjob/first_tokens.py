@@ -37,7 +37,7 @@ class FirstTokenLayer(nn.Module):
     """The model's last encoder layer, taken out of it: the model then stops one layer short
     and this computes the last one for the rows at `index`."""
 
-    def __init__(self, base_model: Any) -> None:
+    def __init__(self, base_model: Any, heads: int) -> None:
         super().__init__()
         self.kind = base_model.config.model_type
         layers: Any = (
@@ -49,11 +49,7 @@ class FirstTokenLayer(nn.Module):
         self.position_bias = (
             base_model.encoder.compute_position_bias if self.kind == "mpnet" else None
         )
-        self.heads = int(
-            base_model.config.num_attention_heads
-            if self.kind != "distilbert"
-            else base_model.config.n_heads
-        )
+        self.heads = heads
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor, index: torch.Tensor
@@ -62,12 +58,9 @@ class FirstTokenLayer(nn.Module):
         `index` (B, K) each segment's first token → (B, K, H) the layer's output there."""
         b, k = index.shape
         first = hidden.gather(1, index[..., None].expand(b, k, hidden.shape[-1]))
-        bias = mask.gather(2, index[:, None, :, None].expand(b, mask.shape[1], k, mask.shape[-1]))
+        bias = _query_rows(mask, index)
         if self.position_bias is not None:
-            position = self.position_bias(hidden)  # (B, heads, S, S)
-            bias = bias + position.gather(
-                2, index[:, None, :, None].expand(b, position.shape[1], k, position.shape[-1])
-            )
+            bias = bias + _query_rows(self.position_bias(hidden), index)  # (B, heads, S, S)
         query, key, value, project = self._projections()
         context, _ = bmm_attention(
             self,
@@ -109,3 +102,9 @@ class FirstTokenLayer(nn.Module):
             attended = layer.attention.output(context, first)
         out = layer.output(layer.intermediate(attended), attended)
         return out
+
+
+def _query_rows(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, heads, S, S) → (B, heads, K, S): the rows of the queries at `index` (B, K)."""
+    b, h, _, n = scores.shape
+    return scores.gather(2, index[:, None, :, None].expand(b, h, index.shape[1], n))

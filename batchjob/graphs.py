@@ -152,7 +152,7 @@ class EncoderGraph(nn.Module):
         # The model stops one layer short, and this computes the last one for each segment's
         # first token only, where nothing else of it is read (first_tokens.py).
         self.last = (
-            first_tokens.FirstTokenLayer(self.model.base_model)
+            first_tokens.FirstTokenLayer(self.model.base_model, self.heads)
             if self.mirrored and first_tokens.applies(loaded.config, self.task, self.pooling)
             else None
         )

@@ -43,6 +43,8 @@ _GRAPH_SOURCES = (
     "config.py",
     "models.py",
     "graphs.py",
+    "attention.py",
+    "first_tokens.py",
     "artifact.py",
     "batching.py",
     "backends/cpu.py",
