@@ -141,7 +141,12 @@ class Engine:
         self.stats = EngineStats()
         # Items in the batcher, oldest first, with when they came: the flusher's clock.
         self._waiting: collections.OrderedDict[_Key, float] = collections.OrderedDict()
-        self._batches: asyncio.Queue[Batch] = asyncio.Queue(2 * pool.size)
+        # Batches for the dispatcher. Backpressure is applied before items go into the batcher
+        # (`_add`), never between the batcher emitting a batch and this queue taking it: a call
+        # cancelled there would strand the other calls' records that share its batches.
+        self._batches: asyncio.Queue[Batch] = asyncio.Queue()
+        self._queue_limit = 2 * pool.size
+        self._taken = asyncio.Event()  # the dispatcher took a batch: there may be room
         self._submitting = False
         self._in_flight = 0  # batches the pool took and has not answered yet
         self._changed = asyncio.Event()  # items added, the dispatcher or a replica freed up
@@ -149,6 +154,7 @@ class Engine:
         self._idle.set()
         self._active = 0
         self._closing = False
+        self._closed: str | None = None  # why, once close() stopped the dispatcher
         self._broken: BaseException | None = None  # a background task died: a bug
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -190,7 +196,9 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         # What calls still in progress wait for (if the timeout passed) will not come.
-        closed = EngineClosedError(f"engine closed after {timeout:g} s")
+        self._closed = f"engine closed after {timeout:g} s"
+        self._taken.set()
+        closed = EngineClosedError(self._closed)
         while not self._batches.empty():
             self._fail(self._batches.get_nowait(), closed)
         for call, _ in self._waiting:
@@ -258,11 +266,16 @@ class Engine:
         return cast(list[Result], call.results)
 
     async def _add(self, items: list[Item]) -> None:
+        while self._batches.qsize() >= self._queue_limit and not self._closed:
+            self._taken.clear()
+            await self._taken.wait()
+        if self._closed:  # close() timed out with this call still adding: nothing would run it
+            raise EngineClosedError(self._closed)
         now = time.monotonic()
         for item in items:
             self._waiting[cast(_Key, item.key)] = now
         for batch in self.batcher.add(items):
-            await self._enqueue(batch)
+            self._enqueue(batch)
         self._changed.set()
         await asyncio.sleep(0)  # let /ping and other requests in between slices
 
@@ -321,14 +334,14 @@ class Engine:
             return assemble_entities(records, units, failed, call.found)
         return assemble(self.head, records, units, failed, call.raw, options.long_documents)
 
-    async def _enqueue(self, batch: Batch) -> None:
+    def _enqueue(self, batch: Batch) -> None:
         for key in batch.keys:
             if key is not None:
                 self._waiting.pop(cast(_Key, key), None)
         self.stats.batches += 1
         self.stats.real_tokens += batch.real_tokens
         self.stats.compiled_tokens += batch.shape.seq_len * batch.shape.batch_size
-        await self._batches.put(batch)
+        self._batches.put_nowait(batch)
 
     def _pool_idle(self) -> bool:
         """Nothing queued for the pool, and a replica without a batch: it is about to starve.
@@ -347,7 +360,8 @@ class Engine:
                 if now >= due and self._pool_idle():
                     self.stats.partial_flushes += 1
                     for batch in self.batcher.flush():
-                        await self._enqueue(batch)
+                        self._enqueue(batch)
+                    self._waiting.clear()  # (already: every item went into a batch)
                     continue
                 if now < due:
                     timeout = due - now
@@ -358,6 +372,7 @@ class Engine:
     async def _dispatch(self) -> None:
         while True:
             batch = await self._batches.get()
+            self._taken.set()
             self._submitting = True
             try:
                 future = await self.pool.submit(batch.arrays)

@@ -220,6 +220,11 @@ async def _run(
             ready = time.monotonic()
             try:
                 await work
+            except asyncio.CancelledError:
+                # Interrupted: no shard waits for the batches in flight (they run again on
+                # --resume), so the replicas stop now, even one still loading after a restart.
+                await pool.close(timeout=0)
+                raise
             finally:
                 report.pipeline_seconds = time.monotonic() - ready
                 report.engine, report.replica_restarts = engine.stats, pool.restarts

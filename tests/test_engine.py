@@ -271,6 +271,33 @@ def test_close_after_its_timeout_fails_calls_instead_of_leaving_them_waiting(
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_a_call_cancelled_while_the_pool_is_full_strands_no_other_call(
+    artifact: Artifact, tokenizer: RecordTokenizer
+) -> None:
+    """A call whose records would fill a batch holding another call's record, cancelled (a
+    client went away, a signal) while the pool is too busy to take batches: the other call
+    still gets its result, and the engine does not spin on records that no batch holds."""
+
+    async def scenario(engine: Engine, pool: StandInPool) -> None:
+        assert pool.hold is not None
+        busy = asyncio.create_task(engine.infer([Record(f"b{i}", "w") for i in range(12)]))
+        await until(lambda: pool.submitting)  # 1 batch held by the pool, 2 queued: full
+        alone = asyncio.create_task(engine.infer([Record("a", "alone")]))
+        await asyncio.sleep(0.1)
+        company = asyncio.create_task(engine.infer([Record(f"c{i}", "c") for i in range(7)]))
+        await asyncio.sleep(0.1)  # "a" and 3 of these would make a batch, the other 4 one more
+        company.cancel()
+        await asyncio.sleep(0.1)
+        pool.hold.set()
+        assert len(await busy) == 12
+        [result] = await asyncio.wait_for(alone, 5)
+        assert result.error is None
+        with pytest.raises(asyncio.CancelledError):
+            await company
+
+    run_engine(artifact, tokenizer, scenario, delay=0.3, hold=True)
+
+
 def test_config_errors_name_the_value(artifact: Artifact, tokenizer: RecordTokenizer) -> None:
     with pytest.raises(UsageError, match="max_batch_delay must be ≥ 0 seconds, got -1"):
         Engine(artifact, StandInPool(), max_batch_delay=-1, tokenizer=tokenizer)

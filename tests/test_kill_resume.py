@@ -74,9 +74,9 @@ def wait_until(ready: Callable[[], bool], seconds: float, proc: subprocess.Popen
 
 
 def runner(
-    artifact: str, inp: Path, out: Path, logs: Path
+    artifact: str, inp: Path, out: Path, logs: Path, *flags: str
 ) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
-    return batchjob_run(artifact, str(inp), str(out), logs / "stdout", logs / "stderr")
+    return batchjob_run(artifact, str(inp), str(out), logs / "stdout", logs / "stderr", *flags)
 
 
 def replica_pids(stderr: Path) -> list[int]:
@@ -196,3 +196,36 @@ def test_sigterm_stops_cleanly_and_says_resume(
     assert sorted(p.name for p in out.iterdir()) == sorted([*finals, "_batchjob", "_manifest.json"])
     manifest = json.loads((out / "_manifest.json").read_text())
     assert sorted(output_of(rel) for rel in manifest["shards"]["done"]) == finals
+
+
+def children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_sigterm_while_a_replica_restarts_stops_promptly(
+    classifier_dir: Path, compiled: CompileFn, tmp_path: Path
+) -> None:
+    """A replica dies (the OOM killer, say) and the runner is told to stop while the new one
+    still loads a big model (here: stopped with SIGSTOP): the run is interrupted anyway, so it
+    must not wait for the restart and the batches re-queued for it, and no replica may outlive
+    it."""
+    artifact = compiled(classifier_dir)
+    make_input(tmp_path / "in")
+    out = tmp_path / "out"
+    with runner(artifact.path, tmp_path / "in", out, tmp_path) as proc:
+        wait_until(lambda: len(outputs(out)) >= 1, STARTUP, proc)
+        [first] = replica_pids(tmp_path / "stderr")
+        [server] = [p for p in children(proc.pid) if first in children(p)]
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: bool(children(server) - {first}), 10, proc)
+        [loading] = children(server) - {first}
+        os.kill(loading, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - sent
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 1, stderr[-2000:]
+    assert took < 5, f"took {took:.1f} s to stop"
+    assert stderr.splitlines()[-1].startswith("batchjob run: failed: interrupted by a signal")
+    assert wait_gone([first, loading, server], seconds=2) == []
