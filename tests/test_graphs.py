@@ -26,6 +26,7 @@ from batchjob.batching import Shape
 from batchjob.compile import compile_artifact, packed_example
 from batchjob.compile_plan import Plan, plan
 from batchjob.config import CompileSpec
+from batchjob.errors import BatchJobError
 from batchjob.models import load_model
 from tests.conftest import cosine, make_texts
 from tests.family_models import build, eager_outputs, packed_outputs
@@ -198,6 +199,15 @@ def test_bf16_graph_fused_for_native_bf16_runs_on_a_cpu_without_it(
         got = loaded(*inputs)
     # Fused, the GELU takes the unrounded sum: bf16 rounding apart, the same.
     assert cosine(got.flatten(0, 1).numpy(), want.flatten(0, 1).numpy()).min() >= 0.999
+
+    # An epilogue it can't turn back into aten's ops: the graph is refused, by name.
+    node = fused.graph.findNode("mkldnn::_linear_pointwise", True)
+    relu = fused.graph.insertConstant("relu")
+    relu.node().moveBefore(node)
+    node.replaceInput(3, relu)
+    cpu.BACKEND.save(fused, fused_path)
+    with pytest.raises(BatchJobError, match=r"fused.pt: a oneDNN linear .* 'relu' epilogue needs"):
+        cpu.BACKEND.load(fused_path, weights)
 
 
 @pytest.mark.parametrize(

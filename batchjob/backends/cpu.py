@@ -90,7 +90,14 @@ class CpuBackend:
             if tensor is None:
                 raise BatchJobError(f"{path}: needs {name}, which the weights file lacks")
             module._c.setattr(name, tensor)
-        if not native_bf16() and unfuse_linear_epilogues(module.graph):
+        try:
+            unfused = not native_bf16() and unfuse_linear_epilogues(module.graph)
+        except BatchJobError as e:
+            raise BatchJobError(
+                f"{path}: {e} needs native bf16 matmuls, which this CPU lacks; compile the "
+                "model on this machine (or with --dtype fp32)"
+            ) from None
+        if unfused:
             log.warning(
                 "%s: compiled for CPUs with native bf16 matmuls, which this one lacks: its "
                 "linear layers run through aten's emulated bf16 here (compile with --dtype "
