@@ -264,9 +264,19 @@ def test_close_after_its_timeout_fails_calls_instead_of_leaving_them_waiting(
         await engine.start()
         stuck = asyncio.create_task(engine.infer([Record(str(i), "w") for i in range(9)]))
         await until(lambda: pool.submitting)
+        queued = asyncio.create_task(engine.infer([Record(f"q{i}", "w") for i in range(12)]))
+        await asyncio.sleep(0.1)
+        pending = engine.batcher.pending
+        # The dispatcher's queue is full: this call waits to add its record.
+        blocked = asyncio.create_task(engine.infer([Record("b", "w")]))
+        await asyncio.sleep(0.1)
+        assert engine.batcher.pending == pending
         await engine.close(timeout=0.2)
-        with pytest.raises(EngineClosedError):
-            await stuck
+        for call in (stuck, queued):
+            with pytest.raises(EngineClosedError):
+                await call
+        with pytest.raises(EngineClosedError, match="engine closed after 0.2 s"):
+            await asyncio.wait_for(blocked, 5)
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
