@@ -1,5 +1,11 @@
 """Errors batchjob raises on purpose. Every message names the thing at fault."""
 
+import sys
+
+# What json.loads's plain ValueError (not a JSONDecodeError) means: a number it would not
+# convert, past sys.get_int_max_str_digits() (a guard against quadratic-time parsing).
+HUGE_NUMBER = f"a number of more than {sys.get_int_max_str_digits()} digits"
+
 
 class BatchJobError(Exception):
     """Base of every error batchjob raises on purpose."""

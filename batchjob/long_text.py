@@ -80,7 +80,7 @@ class TextTokens:
             self.window = max(self.window, CONTEXT + 4 * MARGIN)
             b = min(n, self._p + self.window)
             window = text[a:b]
-            enc = self._raw.encode(window, add_special_tokens=False)
+            [enc] = self._raw.encode_batch([window], add_special_tokens=False)  # GIL released
             ids = enc.ids
             ends = _ends(enc)
             first = bisect_right(ends, self._p - a) if self._started else 0
@@ -170,7 +170,7 @@ class TextTokens:
             a = inside - CONTEXT
             b = min(n, a + size)
             window = text[a:b]
-            enc = self._raw.encode(window, add_special_tokens=False)
+            [enc] = self._raw.encode_batch([window], add_special_tokens=False)  # GIL released
             ends = _ends(enc)
             i = bisect_right(ends, inside - a)
             if i == len(ends) or enc.offsets[i][0] > inside - a:

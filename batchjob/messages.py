@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from batchjob.config import LONG_DOCUMENTS
-from batchjob.errors import InputError, UsageError
+from batchjob.errors import HUGE_NUMBER, InputError, UsageError
 from batchjob.job_specs import MAX_SHARDS_PER_MESSAGE
 from batchjob.output_format import parse_keep_columns
 from batchjob.s3 import SCHEME, S3Url, is_s3
@@ -135,6 +135,8 @@ def _json(text: str, what: str) -> Any:
         raise MessageError(f"{what}: not valid JSON: {e.msg} at {where}") from None
     except RecursionError:
         raise MessageError(f"{what}: not valid JSON: nested too deeply") from None
+    except ValueError:
+        raise MessageError(f"{what}: not valid JSON: {HUGE_NUMBER}") from None
 
 
 def _s3_event(records: Any) -> list[Work]:

@@ -314,7 +314,7 @@ def candidate_labels_of(values: Mapping[str, object], name: str) -> tuple[str, .
         if text.startswith("["):
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 raise InputError(
                     f"field {name!r}: not a JSON array of labels: {text[:80]!r}"
                 ) from None

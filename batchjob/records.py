@@ -22,6 +22,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchjob.errors import InputError, UsageError
+from batchjob.errors import HUGE_NUMBER, InputError, UsageError
 from batchjob.pair_tasks import candidate_labels_of, group_text
 
 if TYPE_CHECKING:
@@ -52,6 +53,10 @@ EXTENSIONS = {
 }
 # A longer line becomes an error record instead of an unbounded allocation.
 MAX_LINE_BYTES = 16 << 20
+# A CSV field may be as long as a line: the csv module's default, 128 KiB, would make an error
+# row of a long document that JSON Lines takes. (A process-wide setting; raising it is safe.)
+csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SPOOL_BYTES = 64 << 20
 _GZIP_ERRORS = (BadGzipFile, EOFError, zlib.error)
 
@@ -79,6 +84,20 @@ class Record:
     kept: tuple[Any, ...] | None = None
     candidate_labels: tuple[str, ...] | None = None  # Fields.candidate_labels' value
     group: str | None = None  # Fields.group's value as text; None: missing or null
+
+    def __post_init__(self) -> None:
+        # A lone surrogate (JSON's "\ud800" escape, a Python string) is not Unicode: the
+        # tokenizer would refuse the whole batch it is in. Every source of records meets here.
+        for name in ("text", "text_pair") if self.error is None else ():
+            value = getattr(self, name)
+            if value is not None and not value.isascii() and (bad := _SURROGATE.search(value)):
+                problem = (
+                    f"{name} holds a lone UTF-16 surrogate U+{ord(bad[0]):04X} at character "
+                    f"{bad.start()}: not valid Unicode"
+                )
+                for field, new in (("text", None), ("text_pair", None), ("error", problem)):
+                    object.__setattr__(self, field, new)
+                return
 
 
 def is_gzip(name: str) -> bool:
@@ -262,7 +281,11 @@ def _record(
             place = f"{rel} {unit} {n} (id {record_id})"
             return Record(record_id, None, error=f"{place}: {e}", kept=kept)
     group = None if fields.group is None else group_text(values.get(fields.group))
-    return Record(record_id, text, pair, kept=kept, candidate_labels=labels, group=group)
+    record = Record(record_id, text, pair, kept=kept, candidate_labels=labels, group=group)
+    if record.error is not None:  # not valid Unicode (Record.__post_init__): where it is
+        place = f"{rel} {unit} {n} (id {record_id})"
+        record = dataclasses.replace(record, error=f"{place}: {record.error}")
+    return record
 
 
 def row_record(
@@ -298,6 +321,8 @@ def _json_object(text: str) -> dict[str, object]:
         raise _Bad(f"invalid JSON: {e.msg} (col {e.colno})") from None
     except RecursionError:
         raise _Bad("invalid JSON: nested too deeply") from None
+    except ValueError:
+        raise _Bad(f"invalid JSON: {HUGE_NUMBER}") from None
     if not isinstance(value, dict):
         raise _Bad(f"expected a JSON object, got {type(value).__name__}")
     return value
@@ -343,6 +368,9 @@ def _columns(names: list[str]) -> str:
     return f"columns: {shown}, ..." if len(names) > 10 else f"columns: {shown}"
 
 
+_AFTER_BARE_CR = re.compile(r"(?<=\r)(?!\n)(?!$)")
+
+
 def _csv(f: _Readline, rel: str, fields: Fields) -> Iterator[Record]:
     # Lines are decoded one by one (not through a TextIOWrapper) so that invalid UTF-8
     # spoils only the row it is in; `problems` collects them until the row comes out.
@@ -353,7 +381,9 @@ def _csv(f: _Readline, rel: str, fields: Fields) -> Iterator[Record]:
             text, bad = _decode(raw)
             if problem or bad:
                 problems.append(problem or bad or "")
-            yield text
+            # Lines end at a bare CR too (classic Mac and some spreadsheet exports), as in a
+            # file opened with newline="": the reader joins a quoted field's lines again.
+            yield from _AFTER_BARE_CR.split(text) if "\r" in text else [text]
 
     reader = csv.reader(lines(), strict=True)
     header: list[str] = []
@@ -378,6 +408,8 @@ def _csv(f: _Readline, rel: str, fields: Fields) -> Iterator[Record]:
         try:
             row = next(reader)
         except StopIteration:
+            if header_problem is not None and n == 0:  # no row would tell it: the header does
+                yield _error(rel, "line", 1, header_problem)
             return
         except csv.Error as e:
             row, problem = [], f"malformed CSV: {e}"

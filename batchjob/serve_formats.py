@@ -24,13 +24,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from batchjob.errors import InputError
+from batchjob.errors import HUGE_NUMBER, InputError
 from batchjob.records import Fields, Record, read_records
 from batchjob.results import Result
 
@@ -139,6 +140,8 @@ def jsonlines_record(raw: bytes, n: int, text_field: str, keep: tuple[str, ...] 
         return _error(n, f"invalid JSON: {e.msg} (col {e.colno})")
     except RecursionError:
         return _error(n, "invalid JSON: nested too deeply")
+    except ValueError:
+        return _error(n, f"invalid JSON: {HUGE_NUMBER}")
     kept = _kept(value, keep)
     if isinstance(value, dict):
         if text_field not in value:
@@ -175,10 +178,19 @@ def _input(value: object, where: str) -> tuple[str, str | None]:
 # -- text/csv ---------------------------------------------------------------------------------
 
 
+def csv_first_row(body: bytes) -> list[str]:
+    """The first non-blank row's fields, to tell a header (lines may end in LF, CRLF or a bare
+    CR); [] if it is no CSV row (the rows' own errors come from the reader)."""
+    first_line = re.split(rb"[\r\n]+", body.lstrip(b"\r\n"), maxsplit=1)[0]
+    try:
+        return next(csv.reader([first_line.decode(errors="replace")]), [])
+    except csv.Error:  # e.g. a field past csv.field_size_limit()
+        return []
+
+
 def _parse_csv(body: bytes, text_field: str, keep: tuple[str, ...] = ()) -> list[Record]:
     body = body.removeprefix(b"\xef\xbb\xbf")
-    first_line = body.lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
-    first = next(csv.reader([first_line.decode(errors="replace")]), [])
+    first = csv_first_row(body)
     # Without the text field in the first row, every row is one text (no header): prepend
     # one so the `run` reader applies, with its row numbers and per-row errors.
     if text_field not in first:
@@ -201,9 +213,11 @@ def toolkit_body(body: bytes) -> dict[str, Any]:
         raise RequestError(f"invalid JSON body: {e}") from None
     except RecursionError:
         raise RequestError("invalid JSON body: nested too deeply") from None
+    except ValueError:
+        raise RequestError(f"invalid JSON body: {HUGE_NUMBER}") from None
     if not isinstance(data, dict) or "inputs" not in data:
         raise RequestError('expected a JSON object {"inputs": ..., "parameters": {...}}')
-    parameters = data.get("parameters") or {}
+    parameters = {} if data.get("parameters") is None else data["parameters"]
     if not isinstance(parameters, dict):
         raise RequestError(f"parameters must be an object, got {value_kind(parameters)}")
     data["parameters"] = parameters
@@ -220,7 +234,7 @@ def _parse_toolkit(body: bytes, task: str) -> Parsed:
     if "top_k" in parameters:
         if task != "text-classification":
             raise RequestError(f"parameters.top_k applies to text-classification, not {task}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (type(top_k) is not int or top_k < 1):
             raise RequestError(f"parameters.top_k must be an integer ≥ 1 or null, got {top_k!r}")
     inputs = data["inputs"]
     single = not isinstance(inputs, list)

@@ -22,7 +22,6 @@ text-ranking (HF_TASK=text-ranking or sentence-ranking), the toolkit's SentenceR
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ from batchjob.serve_formats import (
     Parsed,
     RequestError,
     Toolkit,
+    csv_first_row,
     jsonlines_record,
     record_object,
     toolkit_body,
@@ -131,8 +131,7 @@ def _csv_records(
     group_field: str | None,
 ) -> list[Record]:
     body = body.removeprefix(b"\xef\xbb\xbf")
-    first_line = body.lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r")
-    first = next(csv.reader([first_line.decode(errors="replace")]), [])
+    first = csv_first_row(body)
     if text_field not in first:  # one text per row, no header (SplitType=Line)
         body = text_field.encode() + b"\n" + body
         labels_field = group_field = None

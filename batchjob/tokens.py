@@ -142,7 +142,9 @@ class RecordTokenizer:
             return self._whole(record)
 
     def _whole(self, record: Record) -> Encoded:
-        e = self._tokenizer.encode(*_pair(record))
+        # encode_batch releases the GIL and encode does not: tokenizing one pathological
+        # "word" of megabytes took seconds, in which the event loop (serve's /ping) stood still.
+        e = self._tokenizer.encode_batch([_input(record)])[0]
         return Encoded(e.ids, e.type_ids, bool(e.overflowing))
 
     def _truncated(self, text: str, text_pair: str | None, keep: int) -> Encoded:
@@ -270,8 +272,3 @@ def _copy(backend: Tokenizer, post_processor: bool) -> Tokenizer:
 def _input(record: Record) -> str | tuple[str, str]:
     assert record.text is not None
     return record.text if record.text_pair is None else (record.text, record.text_pair)
-
-
-def _pair(record: Record) -> tuple[str, str | None]:
-    assert record.text is not None
-    return record.text, record.text_pair

@@ -275,7 +275,7 @@ def test_close_after_its_timeout_fails_calls_instead_of_leaving_them_waiting(
         for call in (stuck, queued):
             with pytest.raises(EngineClosedError):
                 await call
-        with pytest.raises(EngineClosedError, match="engine closed after 0.2 s"):
+        with pytest.raises(EngineClosedError, match=r"engine closed after 0\.2 s"):
             await asyncio.wait_for(blocked, 5)
 
     asyncio.run(asyncio.wait_for(main(), 30))

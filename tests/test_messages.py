@@ -87,6 +87,7 @@ def test_inline_documents_take_their_id_or_the_message_id() -> None:
     [
         ("not json", "message body: not valid JSON: Expecting value at line 1 col 1"),
         ("[1, 2]", "message body: expected a JSON object, got list"),
+        ('{"input": ' + "9" * 5000 + "}", "message body: not valid JSON: a number of more than"),
         (
             {"hello": 1},
             "not an S3 event (Records), a job (input), inline documents (documents) nor a "

@@ -161,6 +161,7 @@ def test_jsonl_custom_fields_and_text_pair() -> None:
         (b'{"text": ["a"]}', "field 'text' must be a string, got list"),
         (b'{"text": null}', "field 'text' is null"),
         (b"[" * 100_000, "invalid JSON: nested too deeply"),
+        (b'{"text": ' + b"9" * 5000 + b"}", "invalid JSON: a number of more than 4300 digits"),
     ],
 )
 def test_jsonl_bad_line_becomes_error_record(line: bytes, message: str) -> None:
@@ -209,6 +210,22 @@ def test_jsonl_too_long_line_is_an_error_record(monkeypatch: pytest.MonkeyPatch)
         Record("l.jsonl:1", None, error="l.jsonl line 1: line longer than 50 bytes"),
         Record("l.jsonl:2", "y" * 30),
     ]
+
+
+def test_a_lone_surrogate_makes_an_error_record_not_a_failed_batch() -> None:
+    """JSON's "\\ud800" escape decodes to a str the tokenizer refuses (with the whole batch)."""
+    data = b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "x\\ud800"}\n{"text": "y"}\n'
+    ok, bad, last = _read(data, "jsonl", "s.jsonl")
+    assert (ok, last) == (Record("a", "ok"), Record("s.jsonl:3", "y"))
+    assert bad == Record(
+        "b",
+        None,
+        error="s.jsonl line 2 (id b): text holds a lone UTF-16 surrogate U+D800 at character 1: "
+        "not valid Unicode",
+    )
+    assert Record("r", "fine", "p\udfff").error == (
+        "text_pair holds a lone UTF-16 surrogate U+DFFF at character 1: not valid Unicode"
+    )
 
 
 def test_stream_with_only_read() -> None:
@@ -301,6 +318,23 @@ def test_csv_unreadable_header() -> None:
             error="h.csv row 1: unreadable CSV header: invalid UTF-8 (byte 0xff at offset 5)",
         )
     ]
+
+
+def test_csv_with_bare_cr_line_endings() -> None:
+    """Classic Mac line endings (and a bare CR inside a quoted field of a CRLF file)."""
+    assert _read(b"id,text\r1,hello\r2,world\r", "csv", "m.csv") == [
+        Record("1", "hello"),
+        Record("2", "world"),
+    ]
+    assert _read(b'id,text\r\n1,"a\rb"\r\n2,c\r\n', "csv") == [
+        Record("1", "a\rb"),
+        Record("2", "c"),
+    ]
+
+
+def test_csv_unreadable_header_without_rows_is_still_reported() -> None:
+    [got] = _read(b'id,"te\n', "csv", "h.csv")
+    assert got.error == "h.csv line 1: unreadable CSV header: unexpected end of data"
 
 
 def test_csv_empty_or_header_only() -> None:

@@ -89,6 +89,8 @@ def test_jsonlines_records_and_per_line_errors() -> None:
         b'{"other": 1}\n'
         b"[1, 2]\n"
         b'{"inputs": "caf\xe9"}\n'
+        b'{"inputs": ' + b"9" * 5000 + b"}\n"
+        b'{"inputs": "lone \\udc00"}\n'
     )
     records = parse(JSONLINES, body, "inputs", CLS).records
     assert records[:3] == [
@@ -102,7 +104,10 @@ def test_jsonlines_records_and_per_line_errors() -> None:
         "line 6: missing field 'inputs'",
         "line 7: expected a JSON object or string, got array",
         "line 8: invalid UTF-8 (byte 0xe9 at offset 15)",
+        "line 9: invalid JSON: a number of more than 4300 digits",
+        "text holds a lone UTF-16 surrogate U+DC00 at character 5: not valid Unicode",
     ]
+    assert records[-1].id == "10"
 
 
 def test_csv_with_and_without_a_header() -> None:
@@ -112,6 +117,18 @@ def test_csv_with_and_without_a_header() -> None:
     assert [r.text for r in without] == ["hello", "world"]
     broken = parse(CSV, b'inputs\n"unclosed\n', "inputs", CLS).records
     assert broken[0].error is not None
+    # Lines ending in a bare CR (classic Mac), with and without a header.
+    assert [r.text for r in parse(CSV, b"inputs\rhello\rworld\r", "inputs", CLS).records] == [
+        "hello",
+        "world",
+    ]
+    assert [r.text for r in parse(CSV, b"hello\rworld", "inputs", CLS).records] == [
+        "hello",
+        "world",
+    ]
+    # A long document in a CSV field (past the csv module's default limit, 128 KiB).
+    [long] = parse(CSV, b"inputs\n" + b"x" * 200_000 + b"\n", "inputs", CLS).records
+    assert long.text == "x" * 200_000
 
 
 @pytest.mark.parametrize(
@@ -123,6 +140,10 @@ def test_csv_with_and_without_a_header() -> None:
         (b'{"inputs": "x", "parameters": {"max_length": 4}}', "unsupported parameters: max_length"),
         (b'{"inputs": "x", "parameters": {"top_k": 0}}', "top_k must be an integer ≥ 1"),
         (b'{"inputs": 7}', "inputs must be a string"),
+        (b'{"inputs": ' + b"9" * 5000 + b"}", "invalid JSON body: a number of more than 4300"),
+        (b'{"inputs": "x", "parameters": []}', "parameters must be an object, got array"),
+        (b'{"inputs": "x", "parameters": false}', "parameters must be an object, got boolean"),
+        (b'{"inputs": "x", "parameters": {"top_k": true}}', "top_k must be an integer ≥ 1"),
     ],
 )
 def test_malformed_toolkit_requests_are_400(body: bytes, message: str) -> None:

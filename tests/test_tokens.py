@@ -236,7 +236,7 @@ def test_a_multi_megabyte_document_is_read_only_as_far_as_the_truncation_keeps()
     assert got is not None
     assert got.truncated
     assert len(got.ids) == 128
-    assert windows.chars <= tokenizer.long_text  # one window
+    assert 0 < windows.chars <= tokenizer.long_text  # one window
     assert whole.calls == 0
     assert (got.ids, got.type_ids, got.truncated) == reference(minilm_path(), text, None, 128)
 
@@ -255,10 +255,24 @@ def test_a_run_of_megabytes_is_crossed_in_windows_of_bounded_size(text: str) -> 
     tokenizer = RecordTokenizer(str(minilm_path()), 16)
     windows, _ = _counting(tokenizer)
     [got] = tokenizer.encode([Record("r", text)])
-    assert windows.largest <= long_text.LARGE_WINDOW + long_text.CONTEXT
+    assert 0 < windows.largest <= long_text.LARGE_WINDOW + long_text.CONTEXT
     ids, type_ids, truncated = reference(minilm_path(), text, None, 16)
     assert got is not None
     assert (got.ids, got.type_ids, got.truncated) == (ids, type_ids, truncated)
+
+
+@pytest.mark.parametrize("text", ["a" + "\u0301" * 100_000, _document(1 << 20)])
+def test_long_texts_are_tokenized_without_holding_the_gil(text: str) -> None:
+    """Tokenizing one pathological "word" (a letter and 100,000 combining accents) takes a
+    second or more, in which other threads (serve's event loop, answering /ping) must run:
+    the tokenizers library releases the GIL in encode_batch, not in encode."""
+    tokenizer = RecordTokenizer(str(minilm_path()), 128)
+    windows, whole = _counting(tokenizer)
+    [got] = tokenizer.encode([Record("r", text)])
+    assert got is not None
+    assert got.ids
+    assert windows.calls + whole.calls > 0
+    assert windows.holding_the_gil == whole.holding_the_gil == 0
 
 
 def test_short_texts_go_in_one_batch_as_before() -> None:

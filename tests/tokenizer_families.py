@@ -214,17 +214,22 @@ class Counting:
         self.chars = 0
         self.largest = 0
         self.calls = 0
+        self.holding_the_gil = 0  # texts given to `encode`, which (unlike encode_batch) holds it
 
     def encode(self, text: str | list[str], **kwargs: Any) -> Any:
         if isinstance(text, str):  # not a placeholder for the post-processor
-            self.chars += len(text)
-            self.largest = max(self.largest, len(text))
-            self.calls += 1
+            self._count([text])
+            self.holding_the_gil += 1
         return self.inner.encode(text, **kwargs)
 
     def encode_batch(self, inputs: list[Any], **kwargs: Any) -> Any:
-        self.calls += 1
+        self._count([text for text in inputs if isinstance(text, str)])
         return self.inner.encode_batch(inputs, **kwargs)
+
+    def _count(self, texts: list[str]) -> None:
+        self.calls += 1
+        self.chars += sum(map(len, texts))
+        self.largest = max([self.largest, *map(len, texts)])
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
