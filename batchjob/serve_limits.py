@@ -143,6 +143,8 @@ async def read_body(
                     raise RequestError(f"request body is {too_large}", 413)
                 chunks.append(chunk)
                 deadline.reschedule(started + grace + received / MIN_TRANSFER_RATE)
+    except web.RequestPayloadError as e:  # e.g. Content-Encoding: gzip on a body that isn't
+        raise RequestError(f"unreadable request body: {e}", 400) from None
     except TimeoutError:
         of = f" of {declared}" if declared is not None else ""
         raise RequestError(

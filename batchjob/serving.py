@@ -170,7 +170,7 @@ def build_app(state: _State) -> web.Application:
         except SendTimeout as e:
             log.warning("%.3fs POST /invocations 200 cut off: %s", time.monotonic() - started, e)
             return response  # aiohttp sees the connection gone and drops it
-        except ConnectionResetError:
+        except ConnectionError:  # reset, a broken pipe, aiohttp's "Connection lost"
             # Returned, not raised (aiohttp would log a server error): it finds the connection
             # gone and sends nothing.
             log.warning("%.3fs POST /invocations: the client went away", time.monotonic() - started)

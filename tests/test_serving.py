@@ -133,12 +133,32 @@ def test_json_bad_requests_are_400(server: Server) -> None:
         (b'{"inputs": ["ok", 3]}', "inputs[1] must be a string"),
         (b'{"inputs": "x", "parameters": {"top_k": 0}}', "top_k must be an integer ≥ 1"),
         (b'{"inputs": "x", "parameters": {"max_length": 5}}', "unsupported parameters: max_len"),
+        (b'{"inputs": ' + b"9" * 5000 + b"}", "a number of more than 4300 digits"),
     ]:
         status, _, data = server.request(
             "POST", "/invocations", body, {"Content-Type": "application/json"}
         )
         assert status == 400, data
         assert message in json.loads(data)["error"], data
+    # A body that says it is gzipped and isn't.
+    status, _, data = server.request(
+        "POST",
+        "/invocations",
+        b'{"inputs": "x"}',
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert status == 400, data
+    assert "unreadable request body" in json.loads(data)["error"], data
+
+
+def test_records_the_tokenizer_or_the_csv_module_would_refuse_are_answered(server: Server) -> None:
+    """A lone surrogate is that line's error, not a 500; CSV lines may end in a bare CR."""
+    answers = server.post(b'"ok"\n"lone \\ud800"\n"fine"\n', JSONLINES)
+    assert [a.get("error") for a in answers[::2]] == [None, None]
+    assert all(a["label"] in LABELS for a in answers[::2])
+    assert "lone UTF-16 surrogate U+D800" in answers[1]["error"]
+    answers = server.post(b"inputs\rhello\rworld\r", "text/csv", accept=JSONLINES)
+    assert [a["label"] in LABELS for a in answers] == [True, True]
 
 
 def test_csv_with_a_header_or_a_single_column(server: Server, pipe: Any) -> None:
