@@ -292,6 +292,14 @@ def _add_bucket_owner_option(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _start(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling (imports, checks)
+        print("batchjob: interrupted", file=sys.stderr)
+        return 130
+
+
+def _start(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,13 @@ def plan(spec: CompileSpec, loaded: LoadedModel) -> Plan:
             config.model_type,
         )
         packing = False
+    hard = _positions(config)
+    for shape in spec.shapes:
+        if hard is not None and shape.seq_len > hard:
+            raise UsageError(
+                f"a shape of {shape.seq_len} tokens is longer than the model takes: it has "
+                f"{hard} positions (max_position_embeddings); use --sequence-length ≤ {hard}"
+            )
     limit = model_length(loaded)
     lengths = calibration_lengths(spec.calibrate, loaded, limit) if spec.calibrate else None
     top = _length_for(lengths, limit) if lengths is not None else limit
@@ -91,9 +99,7 @@ def model_length(loaded: LoadedModel) -> int:
     """The longest input the model takes, as sentence-transformers truncates: its own
     `max_seq_length`, else the tokenizer's `model_max_length`, else the positions the config
     has (less where RoBERTa-style position ids start); never past those positions nor 512."""
-    config = loaded.config
-    positions = getattr(config, "max_position_embeddings", None)
-    limit = int(positions) - position_offset(config) if positions else MAX_DEFAULT_LENGTH
+    limit = _positions(loaded.config) or MAX_DEFAULT_LENGTH
     tokenizer_length = int(getattr(loaded.tokenizer, "model_max_length", 0) or 0)
     if loaded.max_seq_length is not None:
         wanted, source = loaded.max_seq_length, "its sentence-transformers max_seq_length"
@@ -105,6 +111,12 @@ def model_length(loaded: LoadedModel) -> int:
     capped = f", capped at {length}" if length < wanted else ""
     log.info("the model's length: %d tokens (%s%s)", wanted, source, capped)
     return length
+
+
+def _positions(config: Any) -> int | None:
+    """The positions a sequence may take (less where RoBERTa-style ids start), if known."""
+    positions = getattr(config, "max_position_embeddings", None)
+    return int(positions) - position_offset(config) if positions else None
 
 
 def _length_for(lengths: np.ndarray, limit: int) -> int:

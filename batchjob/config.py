@@ -321,11 +321,18 @@ def check_text_options(
     require(prompt_name is None or bool(prompt_name), "--prompt-name must not be empty")
 
 
+MAX_REPLICAS = 1024  # a process each: more would exhaust memory before any started
+
+
 def check_replica_options(
     replicas: int | None, cores_per_replica: int, start_timeout: float
 ) -> None:
     """The flags every command that starts replicas shares."""
     require(replicas is None or replicas >= 1, f"--replicas must be ≥ 1, got {replicas}")
+    require(
+        replicas is None or replicas <= MAX_REPLICAS,
+        f"--replicas must be ≤ {MAX_REPLICAS}, got {replicas}",
+    )
     require(cores_per_replica >= 1, f"--cores-per-replica must be ≥ 1, got {cores_per_replica}")
     require(start_timeout > 0, f"--replica-start-timeout must be > 0, got {start_timeout}")
 

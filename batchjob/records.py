@@ -86,18 +86,33 @@ class Record:
     group: str | None = None  # Fields.group's value as text; None: missing or null
 
     def __post_init__(self) -> None:
-        # A lone surrogate (JSON's "\ud800" escape, a Python string) is not Unicode: the
-        # tokenizer would refuse the whole batch it is in. Every source of records meets here.
-        for name in ("text", "text_pair") if self.error is None else ():
+        # A lone surrogate (JSON's "\ud800" escape; a Python string) is not Unicode: the
+        # tokenizer would refuse the whole batch it is in, and Parquet the whole shard. Every
+        # source of records meets here: such a text makes the record an error row; an id or a
+        # kept value is written with U+FFFD in the surrogate's place (the id with an error).
+        problem = None
+        for name in ("id", "text", "text_pair"):
             value = getattr(self, name)
-            if value is not None and not value.isascii() and (bad := _SURROGATE.search(value)):
-                problem = (
-                    f"{name} holds a lone UTF-16 surrogate U+{ord(bad[0]):04X} at character "
-                    f"{bad.start()}: not valid Unicode"
-                )
-                for field, new in (("text", None), ("text_pair", None), ("error", problem)):
-                    object.__setattr__(self, field, new)
-                return
+            if value is None or value.isascii() or not (bad := _SURROGATE.search(value)):
+                continue
+            problem = problem or (
+                f"{name} holds a lone UTF-16 surrogate U+{ord(bad[0]):04X} at character "
+                f"{bad.start()}: not valid Unicode"
+            )
+            if name == "id":
+                object.__setattr__(self, "id", _SURROGATE.sub("\ufffd", value))
+        if self.kept is not None and any(_has_surrogate(v) for v in self.kept):
+            kept = tuple(_SURROGATE.sub("\ufffd", v) if _has_surrogate(v) else v for v in self.kept)
+            object.__setattr__(self, "kept", kept)
+        if problem is not None and self.error is None:
+            for field, new in (("text", None), ("text_pair", None), ("error", problem)):
+                object.__setattr__(self, field, new)
+        elif self.error is not None and _has_surrogate(self.error):  # quoting an input value
+            object.__setattr__(self, "error", _SURROGATE.sub("\ufffd", self.error))
+
+
+def _has_surrogate(value: object) -> bool:
+    return isinstance(value, str) and not value.isascii() and bool(_SURROGATE.search(value))
 
 
 def is_gzip(name: str) -> bool:
@@ -283,7 +298,7 @@ def _record(
     group = None if fields.group is None else group_text(values.get(fields.group))
     record = Record(record_id, text, pair, kept=kept, candidate_labels=labels, group=group)
     if record.error is not None:  # not valid Unicode (Record.__post_init__): where it is
-        place = f"{rel} {unit} {n} (id {record_id})"
+        place = f"{rel} {unit} {n} (id {record.id})"
         record = dataclasses.replace(record, error=f"{place}: {record.error}")
     return record
 

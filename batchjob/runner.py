@@ -305,7 +305,11 @@ class _Job:
             shard.close()
             slots.release()
         if counts.existing:
-            log.info("shard %s: its output exists already (another run wrote it)", ref.rel)
+            log.warning(
+                "shard %s: its output %s exists already: kept, not replaced (delete it to "
+                "compute it again; --resume skips such shards before computing them)",
+                ref.rel, ref.output_rel,
+            )  # fmt: skip
         self.report.done.append(ref.rel)
         self.report.counts.add(counts)
         self.progress.add(shards=1)

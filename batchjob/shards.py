@@ -87,6 +87,10 @@ def list_shards(root: str, fmt: str = "auto", exclude: str | None = None) -> lis
                 continue
             path = os.path.join(dirpath, name)
             rel = display_name(os.path.relpath(path, root))
+            if os.path.exists(path) and not os.path.isfile(path):
+                # A FIFO, socket or device: opening a FIFO waits for a writer, for ever.
+                log.warning("skipping %s: not a regular file", rel)
+                continue
             try:
                 shards.append(shard(path, rel, fmt))
             except UsageError:

@@ -10,6 +10,7 @@ interrupted, leaving a truncated but valid file). A killed run leaves no partial
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import posixpath
@@ -274,13 +275,28 @@ class ShardWriter(_ParquetTemp):
         super().__init__(os.path.join(head, f".{name}.{_owner()}{TMP_SUFFIX}"), schema)
 
     async def commit(self) -> bool:
+        """Publish, unless a file is there already (False): as on S3 (If-None-Match), an
+        output is written once, and nothing that was there before is ever replaced."""
         try:
             self._close()
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.abort()
+            return _publish_once(self.tmp, self.path)
+        finally:
+            self.abort()  # the temp name goes, published or not
+
+
+def _publish_once(tmp: str, path: str) -> bool:
+    try:
+        os.link(tmp, path)  # atomic, and unlike a rename never replaces
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
             raise
-        return True
+        # No hard links on this file system (some network ones): look, then rename.
+        if os.path.lexists(path):
+            return False
+        os.rename(tmp, path)
+    return True
 
 
 class S3ShardWriter(_ParquetTemp):

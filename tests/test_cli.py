@@ -346,3 +346,17 @@ def test_run_of_an_artifact_imports_neither_torch_nor_transformers(ctx: Ctx) -> 
     )
     assert proc.stdout.splitlines()[-1] == "0 []", proc.stderr
     assert len(pq.read_table(ctx.output / "a.parquet")) == 1
+
+
+def test_ctrl_c_before_a_command_takes_over_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Interrupted while importing or checking (before `run` handles signals itself)."""
+    from batchjob import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["run", "--model", "m", "--input", "i", "--output", "o"]) == 130
+    assert capsys.readouterr().err == "batchjob: interrupted\n"

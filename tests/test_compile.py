@@ -385,6 +385,18 @@ def test_model_dir_without_tokenizer_is_refused(classifier_dir: Path, tmp_path: 
         compile_artifact(CompileSpec(model=str(model), shapes=SMALL), str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_shape_longer_than_the_models_positions_is_refused(
+    classifier_dir: Path, tmp_path: Path, packing: bool
+) -> None:
+    """It compiled, and every batch of it failed at run time (an index out of range)."""
+    spec = CompileSpec(model=str(classifier_dir), shapes=(Shape(513, 1),), packing=packing)
+    with pytest.raises(UsageError, match="a shape of 513 tokens is longer than the model takes: "
+                       "it has 512 positions"):  # fmt: skip
+        compile_artifact(spec, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_not_empty(classifier_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

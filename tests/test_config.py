@@ -295,6 +295,7 @@ def test_run_spec_defaults() -> None:
         ({"progress": "fancy"}, "--progress must be one of auto, bar, log, none, got 'fancy'"),
         ({"replicas": 0}, "--replicas must be ≥ 1, got 0"),
         ({"replicas": -2}, "--replicas must be ≥ 1, got -2"),
+        ({"replicas": 10**9}, "--replicas must be ≤ 1024, got 1000000000"),
         ({"cores_per_replica": 0}, "--cores-per-replica must be ≥ 1, got 0"),
         ({"sort_window": 0}, "--sort-window must be ≥ 1, got 0"),
         ({"sort_window": -5}, "--sort-window must be ≥ 1, got -5"),

@@ -130,6 +130,75 @@ def test_an_earlier_output_inside_the_input_is_never_read_again(
     ]
 
 
+def test_a_file_at_a_shards_output_path_is_never_replaced(
+    artifact: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The observed case: --output a directory inside the input that held data of its own
+    (not read: the output is never input), whose x.parquet a shard x.jsonl would write."""
+    write_jsonl(tmp_path / "in" / "x.jsonl", rows(3))
+    write_jsonl(tmp_path / "in" / "y.jsonl", rows(2))
+    precious = tmp_path / "in" / "sub" / "x.parquet"
+    precious.parent.mkdir()
+    pq.write_table(pa.table({"id": ["p"], "text": ["precious data"]}), precious)
+    before = precious.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="batchjob"):
+        code, _, err = invoke(cli(artifact, str(tmp_path / "in"), str(precious.parent)), capsys)
+    assert code == 0, err
+    assert precious.read_bytes() == before
+    assert "shard x.jsonl: its output x.parquet exists already: kept, not replaced" in caplog.text
+    assert pq.read_table(precious.parent / "y.parquet").num_rows == 2
+
+
+def test_lone_surrogates_spoil_their_record_alone(
+    artifact: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The observed case: one "\\ud800" escape failed every shard of the run (a traceback
+    from the tokenizer, or from Parquet for an id or a kept column)."""
+    lines = [
+        '{"id": "good", "text": "fine", "k": "x"}',
+        '{"id": "text", "text": "a\\ud800b", "k": "x"}',
+        '{"id": "id\\udc00", "text": "fine", "k": "x"}',
+        '{"id": "kept", "text": "fine", "k": "y\\ud800"}',
+    ]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    write_jsonl(tmp_path / "in" / "b.jsonl", rows(2))
+    argv = cli(artifact, str(tmp_path / "in"), str(tmp_path / "out"), "--keep-columns", "k")
+    code, _, err = invoke(argv, capsys)
+    assert code == 0, err
+    got = pq.read_table(tmp_path / "out" / "a.parquet").to_pylist()
+    assert [(r["id"], r["k"]) for r in got] == [
+        ("good", "x"),
+        ("text", "x"),
+        ("id\ufffd", "x"),
+        ("kept", "y\ufffd"),
+    ]
+    assert [r["error"] for r in got] == [
+        None,
+        "a.jsonl line 2 (id text): text holds a lone UTF-16 surrogate U+D800 at character 1: "
+        "not valid Unicode",
+        "a.jsonl line 3 (id id\ufffd): id holds a lone UTF-16 surrogate U+DC00 at character 2: "
+        "not valid Unicode",
+        None,
+    ]
+    assert pq.read_table(tmp_path / "out" / "b.parquet").num_rows == 2
+
+
+def test_a_fifo_or_other_special_file_in_the_input_is_not_a_shard(
+    artifact: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Opening a FIFO blocks until a writer comes: the run would hang, deaf to signals."""
+    write_jsonl(tmp_path / "in" / "a.jsonl", rows(2))
+    os.mkfifo(tmp_path / "in" / "fifo.jsonl")
+    code, _, err = invoke(cli(artifact, str(tmp_path / "in"), str(tmp_path / "out")), capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["shards"]["done"] == ["a.jsonl"]
+
+
 def test_s3_output_equal_to_the_input_prefix_is_refused(
     artifact: str, bucket: Bucket, capsys: pytest.CaptureFixture[str]
 ) -> None:
