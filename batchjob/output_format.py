@@ -204,6 +204,13 @@ def _classification(artifact: Artifact, fmt: OutputFormat) -> Classification:
     return Classification(artifact.labels, "sigmoid", multi_label=True, threshold=threshold)
 
 
+def format_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """How `now` (an output_metadata) differs from an earlier run's, field by field (a
+    field that run did not record, from an older batchjob, is not compared)."""
+    now = json.loads(json.dumps(now, default=str))  # as the earlier one was stored
+    return [f"{k} {before[k]!r} then, {v!r} now" for k, v in now.items() if before.get(k, v) != v]
+
+
 def output_metadata(
     artifact: Artifact, head: Head, keep: Sequence[str], text: TextOptions
 ) -> dict[str, Any]:

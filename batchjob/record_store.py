@@ -116,6 +116,16 @@ async def read_records(storage: Storage, output: str, keys: list[str]) -> list[d
     return [r for r in await asyncio.gather(*(one(k) for k in keys)) if r is not None]
 
 
+async def earlier_output_formats(storage: Storage, output: str) -> list[dict[str, Any]]:
+    """The output formats of the earlier runs on `output` that wrote shards."""
+    records = await read_records(storage, output, await record_keys(storage, output, RUNS))
+    return [
+        r["output_format"]
+        for r in records
+        if isinstance(r.get("output_format"), dict) and (r.get("shards") or {}).get("done")
+    ]
+
+
 async def output_files(storage: Storage, output: str) -> set[str]:
     """The shard outputs under `output` (relative paths), read only: unlike
     `Storage.existing_outputs`, no temp file is cleaned up on the way."""

@@ -29,14 +29,14 @@ from batchjob.engine_start import open_artifact, start_engine
 from batchjob.errors import BatchJobError, UsageError
 from batchjob.job_records import new_id
 from batchjob.long_documents import TextOptions
-from batchjob.output_format import make_head, output_metadata
+from batchjob.output_format import format_changes, make_head, output_metadata
 from batchjob.pair_tasks import pair_fields
 from batchjob.paths import output_problems, overlap
 from batchjob.pipeline import Counts, write_shard
 from batchjob.prices import cost, hourly_price
 from batchjob.progress import Progress
 from batchjob.prompts import spec_text_options
-from batchjob.record_store import publish_run
+from batchjob.record_store import earlier_output_formats, publish_run
 from batchjob.records import Fields, read_records
 from batchjob.replica_process import Placement
 from batchjob.s3 import is_s3
@@ -141,8 +141,15 @@ async def _main(spec: RunSpec, started: float) -> Report:
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         report.shards, report.listed = len(shards), listed
+        output_format = output_metadata(artifact, head, keep, options)
         if report.skipped:
             log.info("--resume: %d shard(s) already done", len(report.skipped))
+            for before in await earlier_output_formats(storage, spec.output):
+                if changes := format_changes(before, output_format):
+                    raise UsageError(
+                        f"--resume: {spec.output} holds outputs written with other options "
+                        f"({'; '.join(changes)}); resume with those, or write to another --output"
+                    )
         if (embedder := head.embedder) is not None and embedder.needs_ranges and report.skipped:
             await earlier_ranges(storage, spec.output, embedder)
         todo = [s for s in shards if s.output_rel not in done_before]
@@ -169,7 +176,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
             report.seconds = time.monotonic() - started
             report.account(shards, unfinished)
             manifest = _manifest(spec, artifact, report, options)
-            manifest["output_format"] = output_metadata(artifact, head, keep, options)
+            manifest["output_format"] = output_format
             if (part := spec.part) is not None:
                 manifest["partition"] = part.describe(report.shards, report.listed)
             # One record per run or part (never overwritten), and _manifest.json their summary.

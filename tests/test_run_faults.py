@@ -187,6 +187,32 @@ def test_lone_surrogates_spoil_their_record_alone(
     assert pq.read_table(tmp_path / "out" / "b.parquet").num_rows == 2
 
 
+def test_resume_with_options_that_change_the_outputs_is_refused(
+    artifact: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The observed case: --resume --multi-label --keep-columns k after a default run wrote
+    outputs of two formats into one dataset, and a manifest describing only the second."""
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{**r, "k": "x"} for r in rows(2)])
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    assert invoke(cli(artifact, inp, out), capsys)[0] == 0
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{**r, "k": "y"} for r in rows(2, "b")])
+    before = tree_bytes(tmp_path / "out")
+    argv = cli(artifact, inp, out, "--resume", "--multi-label", "--keep-columns", "k")
+    code, _, err = invoke(argv, capsys)
+    refused(
+        code,
+        err,
+        "--resume:",
+        "holds outputs written with other options",
+        "keep_columns [] then, ['k'] now",
+    )
+    assert "multi_label False then, True now" in err
+    assert tree_bytes(tmp_path / "out") == before
+    code, _, err = invoke(cli(artifact, inp, out, "--resume"), capsys)  # the same options
+    assert code == 0, err
+    assert pq.read_table(tmp_path / "out" / "b.parquet").num_rows == 2
+
+
 def test_a_fifo_or_other_special_file_in_the_input_is_not_a_shard(
     artifact: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
