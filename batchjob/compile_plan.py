@@ -135,7 +135,7 @@ def calibration_sample(path: str, sample: int = CALIBRATION_SAMPLE) -> list[str]
     from batchjob.shards import list_shards
 
     texts: list[str] = []
-    for shard in list_shards(path):
+    for shard in list_shards(path, label="--calibrate"):
         with open(shard.path, "rb") as stream:
             for chunk in read_records(stream, shard.format, shard.rel, Fields(), gzip=shard.gzip):
                 texts += [r.text for r in chunk if r.text is not None]

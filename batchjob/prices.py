@@ -8,6 +8,7 @@ is left out rather than guessed: give `--price-per-hour` for those.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,10 @@ def hourly_price(price_per_hour: float | None, instance_type: str | None) -> flo
     if price_per_hour is not None and instance_type is not None:
         raise UsageError("--price-per-hour and --instance-type exclude each other")
     if price_per_hour is not None:
-        if not price_per_hour > 0:
+        if not 0 < price_per_hour < math.inf:
             raise UsageError(
-                f"--price-per-hour must be > 0 (USD per machine-hour), got {price_per_hour:g}"
+                f"--price-per-hour must be a number > 0 (USD per machine-hour), got "
+                f"{price_per_hour:g}"
             )
         return float(price_per_hour)
     if instance_type is None:

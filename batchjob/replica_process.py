@@ -64,14 +64,16 @@ def replica_main(
         traceback.print_exc()  # the whole traceback goes to the job's log via inherited stderr
         conn.send(("failed", traceback.format_exception_only(e)[-1].strip()))
         raise SystemExit(1) from None
-    conn.send(("ready", os.getpid(), steps))
-    with contextlib.suppress(EOFError):  # EOF: the parent is gone, nobody wants our results
+    # The parent gone (killed, say): nobody wants our results, and nobody needs a traceback.
+    with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):
+        conn.send(("ready", os.getpid(), steps))
         while (msg := conn.recv()) is not None:  # None: stop
             batch_id, arrays = msg
             try:
-                conn.send(("ok", batch_id, predict(arrays)))
+                answer: tuple[str, int, object] = ("ok", batch_id, predict(arrays))
             except Exception as e:
-                conn.send(("error", batch_id, f"{type(e).__name__}: {e}"))
+                answer = ("error", batch_id, f"{type(e).__name__}: {e}")
+            conn.send(answer)
 
 
 def _steps_so_far() -> dict[str, float]:

@@ -59,17 +59,20 @@ def checked(where: str, shards: list[ShardRef], skipped: list[str]) -> list[Shar
     return shards
 
 
-def list_shards(root: str, fmt: str = "auto", exclude: str | None = None) -> list[ShardRef]:
+def list_shards(
+    root: str, fmt: str = "auto", exclude: str | None = None, label: str = "--input"
+) -> list[ShardRef]:
     """The shards under local `root` (a file or a directory tree), in a stable order.
 
     `exclude` (the output directory, when it lies inside the input) is not descended into,
-    nor is the output of an earlier run (a directory holding `_manifest.json`).
+    nor is the output of an earlier run (a directory holding `_manifest.json`). `label`
+    names `root` in errors: the flag it came from.
     """
     skip_dir = os.path.realpath(exclude) if exclude and not is_s3(exclude) else None
     if os.path.isfile(root):
         return [shard(root, display_name(os.path.basename(root)), fmt)]
     if not os.path.isdir(root):
-        raise UsageError(f"--input {root}: no such file or directory")
+        raise UsageError(f"{label} {root}: no such file or directory")
     shards, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath != root and MANIFEST in filenames:
@@ -95,7 +98,7 @@ def list_shards(root: str, fmt: str = "auto", exclude: str | None = None) -> lis
                 shards.append(shard(path, rel, fmt))
             except UsageError:
                 skipped.append(rel)
-    return checked(f"--input {root}", shards, skipped)
+    return checked(f"{label} {root}", shards, skipped)
 
 
 def parse_shard_list(text: str, where: str, fmt: str = "auto") -> list[ShardRef]:

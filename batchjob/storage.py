@@ -134,7 +134,7 @@ class Storage:
         inside the input. Not listed: folder markers (keys ending in "/"), hidden names, and
         the outputs of earlier runs (under a `_manifest.json`). `label` names `root` in errors."""
         if not is_s3(root):
-            return list_shards(root, fmt, exclude)
+            return list_shards(root, fmt, exclude, label)
         url, s3 = S3Url.parse(root), await self.s3()
         try:
             if url.key and not url.key.endswith("/") and await _is_object(s3, url):

@@ -397,6 +397,14 @@ def test_a_shape_longer_than_the_models_positions_is_refused(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_calibration_sample_is_named_by_its_flag(
+    classifier_dir: Path, tmp_path: Path
+) -> None:
+    spec = CompileSpec(model=str(classifier_dir), calibrate=str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match=f"--calibrate {tmp_path / 'nope'}: no such file"):
+        compile_artifact(spec, str(tmp_path / "out"))
+
+
 def test_output_not_empty(classifier_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -229,3 +229,20 @@ def test_sigterm_while_a_replica_restarts_stops_promptly(
     assert took < 5, f"took {took:.1f} s to stop"
     assert stderr.splitlines()[-1].startswith("batchjob run: failed: interrupted by a signal")
     assert wait_gone([first, loading, server], seconds=2) == []
+
+
+def test_replicas_of_a_killed_runner_exit_without_a_traceback(
+    classifier_dir: Path, compiled: CompileFn, tmp_path: Path
+) -> None:
+    """SIGKILL to the runner alone (not its process group): its replica finds the pipe
+    broken mid-answer or at EOF, and exits quietly instead of printing two tracebacks."""
+    artifact = compiled(classifier_dir)
+    make_input(tmp_path / "in")
+    out = tmp_path / "out"
+    with runner(artifact.path, tmp_path / "in", out, tmp_path) as proc:
+        wait_until(lambda: len(outputs(out)) >= 1, STARTUP, proc)
+        replicas = replica_pids(tmp_path / "stderr")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_gone(replicas, seconds=10) == []
+    assert "Traceback" not in (tmp_path / "stderr").read_text()

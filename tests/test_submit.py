@@ -210,8 +210,14 @@ def test_status_exit_codes_from_the_records(
     assert_usage_error(code, out, err, ("--job-id nope: no such job", "(jobs: j)"))
     code, out, err = status(out_uri, capsys, "--instance-type", "m9.huge")
     assert_usage_error(code, out, err, ("--instance-type m9.huge: no price known", "inf2.xlarge"))
-    code, out, err = status(out_uri, capsys, "--price-per-hour", "0")
-    assert_usage_error(code, out, err, ("--price-per-hour must be > 0",))
+    for price in ("0", "inf"):
+        code, out, err = status(out_uri, capsys, "--price-per-hour", price)
+        assert_usage_error(
+            code,
+            out,
+            err,
+            (f"--price-per-hour must be a number > 0 (USD per machine-hour), got {price}",),
+        )
 
 
 def test_shards_outside_allow_input_fail_for_good_and_status_says_why(
