@@ -207,8 +207,26 @@ def _classification(artifact: Artifact, fmt: OutputFormat) -> Classification:
 def format_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """How `now` (an output_metadata) differs from an earlier run's, field by field (a
     field that run did not record, from an older batchjob, is not compared)."""
-    now = json.loads(json.dumps(now, default=str))  # as the earlier one was stored
-    return [f"{k} {before[k]!r} then, {v!r} now" for k, v in now.items() if before.get(k, v) != v]
+    old, new = _fields(before), _fields(json.loads(json.dumps(now, default=str)))
+    return [
+        f"{k} {_short(old[k])} then, {_short(v)} now" for k, v in new.items() if old.get(k, v) != v
+    ]
+
+
+def _fields(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested objects as dotted names (embedding.precision), provenance left out."""
+    if not isinstance(value, Mapping):
+        return {prefix.removesuffix("."): value}
+    found: dict[str, Any] = {}
+    for k, v in value.items():
+        if k != "ranges_from":  # where int8 ranges came from, not what they are
+            found |= _fields(v, f"{prefix}{k}.")
+    return found
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def output_metadata(

@@ -141,17 +141,17 @@ async def _main(spec: RunSpec, started: float) -> Report:
         done_before = await storage.prepare_output(spec.output, list_existing=spec.resume)
         report = Report(skipped=[s.rel for s in shards if s.output_rel in done_before])
         report.shards, report.listed = len(shards), listed
-        output_format = output_metadata(artifact, head, keep, options)
         if report.skipped:
             log.info("--resume: %d shard(s) already done", len(report.skipped))
+            if (embedder := head.embedder) is not None and embedder.needs_ranges:
+                await earlier_ranges(storage, spec.output, embedder)
+            now = output_metadata(artifact, head, keep, options)
             for before in await earlier_output_formats(storage, spec.output):
-                if changes := format_changes(before, output_format):
+                if changes := format_changes(before, now):
                     raise UsageError(
                         f"--resume: {spec.output} holds outputs written with other options "
                         f"({'; '.join(changes)}); resume with those, or write to another --output"
                     )
-        if (embedder := head.embedder) is not None and embedder.needs_ranges and report.skipped:
-            await earlier_ranges(storage, spec.output, embedder)
         todo = [s for s in shards if s.output_rel not in done_before]
         problems = output_problems(spec.output, todo)  # these fail; the others run
         for rel, why in problems.items():
@@ -176,7 +176,7 @@ async def _main(spec: RunSpec, started: float) -> Report:
             report.seconds = time.monotonic() - started
             report.account(shards, unfinished)
             manifest = _manifest(spec, artifact, report, options)
-            manifest["output_format"] = output_format
+            manifest["output_format"] = output_metadata(artifact, head, keep, options)
             if (part := spec.part) is not None:
                 manifest["partition"] = part.describe(report.shards, report.listed)
             # One record per run or part (never overwritten), and _manifest.json their summary.
