@@ -80,7 +80,7 @@ class TextTokens:
             self.window = max(self.window, CONTEXT + 4 * MARGIN)
             b = min(n, self._p + self.window)
             window = text[a:b]
-            [enc] = self._raw.encode_batch([window], add_special_tokens=False)  # GIL released
+            enc = encode_one(self._raw, window, add_special_tokens=False)
             ids = enc.ids
             ends = _ends(enc)
             first = bisect_right(ends, self._p - a) if self._started else 0
@@ -170,7 +170,7 @@ class TextTokens:
             a = inside - CONTEXT
             b = min(n, a + size)
             window = text[a:b]
-            [enc] = self._raw.encode_batch([window], add_special_tokens=False)  # GIL released
+            enc = encode_one(self._raw, window, add_special_tokens=False)
             ends = _ends(enc)
             i = bisect_right(ends, inside - a)
             if i == len(ends) or enc.offsets[i][0] > inside - a:
@@ -186,6 +186,14 @@ class TextTokens:
                 inside, size = a + end - 1, 2 * size
             else:
                 inside = b - MARGIN
+
+
+def encode_one(tokenizer: Tokenizer, text: str | tuple[str, str], **options: bool) -> Encoding:
+    """`tokenizer.encode`, through encode_batch: that one releases the GIL, encode does not.
+    One pathological "word" of megabytes takes seconds, in which other threads (serve's event
+    loop, answering /ping) would otherwise stand still."""
+    [encoding] = tokenizer.encode_batch([text], **options)
+    return encoding
 
 
 def _open_word(enc: Encoding, i: int, a: int) -> int | None:

@@ -92,27 +92,31 @@ class Record:
         # kept value is written with U+FFFD in the surrogate's place (the id with an error).
         problem = None
         for name in ("id", "text", "text_pair"):
-            value = getattr(self, name)
-            if value is None or value.isascii() or not (bad := _SURROGATE.search(value)):
+            if (bad := _surrogate(getattr(self, name))) is None:
                 continue
             problem = problem or (
                 f"{name} holds a lone UTF-16 surrogate U+{ord(bad[0]):04X} at character "
                 f"{bad.start()}: not valid Unicode"
             )
             if name == "id":
-                object.__setattr__(self, "id", _SURROGATE.sub("\ufffd", value))
-        if self.kept is not None and any(_has_surrogate(v) for v in self.kept):
-            kept = tuple(_SURROGATE.sub("\ufffd", v) if _has_surrogate(v) else v for v in self.kept)
-            object.__setattr__(self, "kept", kept)
+                object.__setattr__(self, "id", _replaced(self.id))
+        if self.kept is not None and any(_surrogate(v) for v in self.kept):
+            object.__setattr__(self, "kept", tuple(map(_replaced, self.kept)))
         if problem is not None and self.error is None:
             for field, new in (("text", None), ("text_pair", None), ("error", problem)):
                 object.__setattr__(self, field, new)
-        elif self.error is not None and _has_surrogate(self.error):  # quoting an input value
-            object.__setattr__(self, "error", _SURROGATE.sub("\ufffd", self.error))
+        elif _surrogate(self.error):  # a message quoting a value of the input
+            object.__setattr__(self, "error", _replaced(self.error))
 
 
-def _has_surrogate(value: object) -> bool:
-    return isinstance(value, str) and not value.isascii() and bool(_SURROGATE.search(value))
+def _surrogate(value: object) -> re.Match[str] | None:
+    """The first lone surrogate of a string; None for anything else (ASCII: at once)."""
+    return None if not isinstance(value, str) or value.isascii() else _SURROGATE.search(value)
+
+
+def _replaced(value: Any) -> Any:
+    """A string with U+FFFD for its lone surrogates; anything else as it is."""
+    return _SURROGATE.sub("\ufffd", value) if _surrogate(value) else value
 
 
 def is_gzip(name: str) -> bool:

@@ -15,7 +15,7 @@ from tokenizers import Encoding, Tokenizer
 
 from batchjob.batching import Batch
 from batchjob.entities import TokenSpans
-from batchjob.long_text import MARGIN
+from batchjob.long_text import MARGIN, encode_one
 from batchjob.records import Record
 
 if TYPE_CHECKING:  # tokens.py imports this module when it is asked for spans
@@ -97,13 +97,13 @@ def _encode_long(backend: Tokenizer, text: str, prefix: int) -> tuple[Encoding, 
     """A text of megabytes, truncated: the tokens of a prefix are the text's own where what
     follows them in the prefix is MARGIN characters long (long_text.py), so a prefix that
     holds more than the kept tokens before that point stands for the text."""
-    [e] = backend.encode_batch([text[:prefix]])  # as tokens.py: without the GIL
+    e = encode_one(backend, text[:prefix])
     if e.overflowing:
         real = ~np.asarray(e.special_tokens_mask, dtype=bool)
         ends = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)[real, 1]
         if not len(ends) or int(ends.max()) <= prefix - MARGIN:
             return e, True
-    [e] = backend.encode_batch([text])  # rare: a prefix of few tokens (whitespace); exact
+    e = encode_one(backend, text)  # rare: a prefix of few tokens (whitespace); exact
     return e, bool(e.overflowing)
 
 

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Encoding, Tokenizer
 
-from batchjob.long_text import MARGIN, TextTokens, Unsplittable, compare_lengths, head
+from batchjob.long_text import (
+    MARGIN,
+    TextTokens,
+    Unsplittable,
+    compare_lengths,
+    encode_one,
+    head,
+)
 from batchjob.records import Record
 
 if TYPE_CHECKING:
@@ -142,9 +149,7 @@ class RecordTokenizer:
             return self._whole(record)
 
     def _whole(self, record: Record) -> Encoded:
-        # encode_batch releases the GIL and encode does not: tokenizing one pathological
-        # "word" of megabytes took seconds, in which the event loop (serve's /ping) stood still.
-        e = self._tokenizer.encode_batch([_input(record)])[0]
+        e = encode_one(self._tokenizer, _input(record))
         return Encoded(e.ids, e.type_ids, bool(e.overflowing))
 
     def _truncated(self, text: str, text_pair: str | None, keep: int) -> Encoded:
