@@ -226,7 +226,7 @@ def test_sigterm_while_a_replica_restarts_stops_promptly(
         took = time.monotonic() - sent
     stderr = (tmp_path / "stderr").read_text()
     assert code == 1, stderr[-2000:]
-    assert took < 5, f"took {took:.1f} s to stop"
+    assert took < 10, f"took {took:.1f} s to stop"  # it took 30 s: the restart, waited for
     assert stderr.splitlines()[-1].startswith("batchjob run: failed: interrupted by a signal")
     assert wait_gone([first, loading, server], seconds=2) == []
 
